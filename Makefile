@@ -1,0 +1,43 @@
+# interest-stream: the two commands are `make demo` and `make test`.
+# Both install what is missing (a .venv with the package, Debian's redis-server, the Kafka
+# jars from Maven Central) and are idempotent: a second run reinstalls nothing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EVENTS ?= 0
+RATE   ?= 20
+PYTEST_ARGS ?=
+
+.PHONY: install infra demo test models evaluate bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# one resolution for everything, so click stays < 8.4 for faust-streaming
+	$(PY) -m pip install --quiet -e '.[export,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+infra: install
+	$(PY) -m streams install
+
+demo: infra
+	$(PY) -m streams demo --events $(EVENTS) --rate $(RATE)
+
+test: infra
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+models: install
+	$(PY) -m model_export build --out artifacts/ml-100k
+
+evaluate: install
+	$(PY) -m model_export evaluate --bundle artifacts/ml-100k --json artifacts/eval-ml-100k.json --plot artifacts/eval-ml-100k.png
+
+bench: infra
+	$(PY) -m streams bench --json artifacts/bench.json
+
+clean:
+	rm -rf .state artifacts

@@ -1,0 +1,89 @@
+"""`python -m model_export build|evaluate` — a thin CLI over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from streams.config import Settings
+from streams.errors import InterestStreamError
+
+
+def _dataset(args):
+    from . import data
+
+    if args.data == "synthetic":
+        return data.synthetic(seed=args.seed)
+    return data.load_any(args.data, getattr(args, "catalog", None))
+
+
+def cmd_build(args) -> int:
+    from .build import build
+    from .evaluate import print_table
+    from .train import TrainConfig
+
+    cfg = TrainConfig(seed=args.seed)
+    gpt = {}
+    if args.quick:
+        cfg.epochs, cfg.fusion_epochs = 4, 1
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    started = time.time()
+    manifest = build(_dataset(args), Path(args.out), gpt, cfg, fusion_mode=args.fusion_mode)
+    print(f"bundle {manifest['version']} -> {args.out} in {time.time() - started:.1f}s")
+    if manifest["metrics"]:
+        print_table({"dataset": manifest["dataset"], "bundle": manifest["version"],
+                     "n_users": manifest["metrics"]["gpt"]["n"], "models": manifest["metrics"]})
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, plot, print_table, save
+
+    result = evaluate(args.bundle, _dataset(args), fixed_alpha=args.alpha)
+    print_table(result)
+    if args.json:
+        save(result, Path(args.json))
+    if args.plot:
+        plot(result, Path(args.plot))
+    return 0
+
+
+def main(argv=None) -> int:
+    settings = Settings.from_env()
+    parser = argparse.ArgumentParser(prog="python -m model_export",
+                                     description="Train, export and evaluate interest-stream models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the models and write an ONNX bundle")
+    b.add_argument("--data", default=str(settings.data_dir),
+                   help="MovieLens folder, a CSV/JSONL log, or 'synthetic' (default: DATA_DIR)")
+    b.add_argument("--catalog", help="item catalog (CSV/JSONL item_id,text) for a generic log")
+    b.add_argument("--out", default=str(settings.bundle_dir))
+    b.add_argument("--epochs", type=int)
+    b.add_argument("--quick", action="store_true", help="a few epochs: a bundle in under a minute")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--fusion-mode", default="gate", choices=("fixed", "attention", "gate"))
+    b.set_defaults(func=cmd_build)
+    e = sub.add_parser("evaluate", help="offline metrics of a bundle on the leave-one-out test split")
+    e.add_argument("--bundle", default=str(settings.bundle_dir))
+    e.add_argument("--data", default=str(settings.data_dir))
+    e.add_argument("--catalog")
+    e.add_argument("--json")
+    e.add_argument("--plot")
+    e.add_argument("--alpha", type=float, help="short-term weight of fused_fixed")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_evaluate)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except InterestStreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

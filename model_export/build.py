@@ -1,0 +1,110 @@
+"""Build a model bundle from an interaction log: train, export, validate, evaluate, write."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from streams.bundle import FILES, write_manifest
+from streams.errors import InterestStreamError
+
+from . import bert, data, export, train
+from .fusion import FusionHead
+from .gpt import GPTConfig, ShortTermHead
+
+log = logging.getLogger(__name__)
+MAX_K = 100
+HIST_LEN = 50
+
+
+class BuildError(InterestStreamError):
+    """The bundle could not be built (bad data, or the ONNX graphs failed their parity check)."""
+
+
+def item_records(ds: data.Dataset) -> list[dict]:
+    ids = sorted(ds.items, key=data._natural)
+    return [{"item_id": i, "title": ds.items[i]["title"], "text": ds.items[i]["text"]} for i in ids]
+
+
+def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
+          train_cfg: train.TrainConfig | None = None, fusion_mode: str = "gate",
+          fixed_alpha: float = 0.5, evaluate_after: bool = True) -> dict:
+    """Train everything on `dataset`'s training split and write a bundle into `out`."""
+    started = time.time()
+    train_cfg = train_cfg or train.TrainConfig()
+    torch.manual_seed(train_cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    split = data.leave_one_out(dataset)
+    records = item_records(dataset)
+    row_of = {r["item_id"]: row for row, r in enumerate(records, start=1)}
+    n_rows = len(records) + 1
+    seqs = [[row_of[it.item_id] for it in s] for s in split.train.values()]
+    times = [[it.ts for it in s] for s in split.train.values()]
+    popularity = np.bincount([r for s in seqs for r in s], minlength=n_rows).astype(np.float32)
+
+    tokenizer, bert_model = bert.load_minilm()
+    text_head = bert.TextEncoderHead(bert_model).eval()
+    texts = [r["text"] for r in records]
+    with tqdm(total=len(texts), desc="BERT items", unit="item", disable=not train_cfg.progress) as bar:
+        item_text = bert.encode_texts(text_head, tokenizer, texts, progress=bar)
+    text_emb = np.vstack([np.zeros((1, item_text.shape[1]), np.float32), item_text])
+
+    cfg = GPTConfig(n_rows=n_rows, **(gpt_cfg or {}))
+    gpt = train.train_gpt(seqs, cfg, train_cfg)
+    examples = train.fusion_examples(gpt, seqs, times, text_emb, train_cfg.half_life, HIST_LEN)
+    proj, gate = train.train_fusion(gpt, examples, text_emb, train_cfg)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        item_long = proj(torch.from_numpy(text_emb)).numpy()
+    fusion_head = FusionHead(gpt.item_embeddings, gate, MAX_K)
+    report = export.export_all(ShortTermHead(gpt), text_head, fusion_head, out, n_rows,
+                               cfg.d_model, cfg.max_len, tokenizer.vocab_size)
+    bad = {name: m for name, m in report.items() if m}
+    if bad:
+        raise BuildError(f"ONNX parity failed (max abs diff > {export.TOLERANCE}): {bad}")
+
+    np.save(out / FILES["item_text_emb"], text_emb)
+    np.save(out / FILES["item_long_emb"], item_long.astype(np.float32))
+    np.save(out / FILES["item_emb"], gpt.item_embeddings.detach().numpy().astype(np.float32))
+    np.save(out / FILES["popularity"], popularity)
+    np.savez(out / FILES["projection"], W=proj.linear.weight.detach().numpy().T.copy(),
+             b=proj.linear.bias.detach().numpy())
+    shutil.copy(bert.minilm_dir() / "tokenizer.json", out / FILES["tokenizer"])
+    (out / FILES["items"]).write_text(json.dumps(records))
+    data_hash = dataset.content_hash()
+    manifest = {
+        "version": f"{dataset.name}-{data_hash[:8]}-{time.strftime('%Y%m%dT%H%M%S')}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": dataset.name,
+        "data_hash": data_hash,
+        "dims": {"d_model": cfg.d_model, "d_text": int(text_emb.shape[1]), "n_items": n_rows - 1,
+                 "max_len": cfg.max_len, "max_k": MAX_K, "hist_len": HIST_LEN},
+        "gpt": cfg.to_dict(),
+        "train": asdict(train_cfg),
+        "default_fusion_mode": fusion_mode,
+        "fixed_alpha": fixed_alpha,
+        "long_term": {"construction": "pooled", "half_life": train_cfg.half_life,
+                      "profile_items": 30},
+        "parity": {name: "ok" for name in report},
+        "skipped_input": dataset.skipped,
+        "metrics": {},
+    }
+    manifest["build_seconds"] = round(time.time() - started, 1)
+    write_manifest(out, manifest)
+    if evaluate_after:
+        from .evaluate import evaluate
+
+        metrics = evaluate(out, dataset, progress=train_cfg.progress)
+        manifest["metrics"] = metrics["models"]
+        manifest["build_seconds"] = round(time.time() - started, 1)
+        write_manifest(out, manifest)
+    log.info("bundle %s written to %s in %.1fs", manifest["version"], out, time.time() - started)
+    return manifest

@@ -1,0 +1,238 @@
+"""Interaction logs and item catalogs: loaders, the leave-one-out split, synthetic streams.
+
+MovieLens files are never committed: they are read from a path (DATA_DIR, default
+../shared/data/ml-100k). Everything here is plain Python + numpy.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streams.errors import InterestStreamError
+
+log = logging.getLogger(__name__)
+
+GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+          "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+          "Romance", "Sci-Fi", "Thriller", "War", "Western")
+
+
+class DataError(InterestStreamError):
+    """An interaction log or catalog cannot be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    user_id: str
+    item_id: str
+    ts: int  # epoch seconds
+    event_type: str = "rating"
+
+
+@dataclass
+class Dataset:
+    name: str
+    interactions: list[Interaction]  # ordered by (user, ts) after `sorted_by_time`
+    items: dict[str, dict]  # item_id -> {"title", "text"}
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for it in self.interactions:
+            digest.update(f"{it.user_id}\t{it.item_id}\t{it.ts}\n".encode())
+        return digest.hexdigest()
+
+
+def _count(skipped: dict, reason: str) -> None:
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+
+def load_movielens(path: str | Path) -> Dataset:
+    """MovieLens-100K: u.data (user, item, rating, ts) and u.item (title, date, genres)."""
+    path = Path(path)
+    data_file, item_file = path / "u.data", path / "u.item"
+    for f in (data_file, item_file):
+        if not f.is_file():
+            raise DataError(
+                f"{f} not found. Put MovieLens-100K (u.data, u.item) in {path} or pass "
+                f"--data / DATA_DIR (the files are not redistributable and not in git)."
+            )
+    items = {}
+    with open(item_file, encoding="latin-1") as handle:
+        for line in handle:
+            parts = line.rstrip("\n").split("|")
+            if len(parts) < 24:
+                continue
+            item_id, title = parts[0], parts[1]
+            genres = [g for g, flag in zip(GENRES, parts[5:24]) if flag == "1" and g != "unknown"]
+            items[item_id] = {"title": title, "text": f"{title}. {', '.join(genres)}"}
+    interactions, skipped = [], {}
+    with open(data_file, encoding="latin-1") as handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) != 4 or not parts[3].isdigit():
+                _count(skipped, "malformed_line")
+                continue
+            if parts[1] not in items:
+                _count(skipped, "unknown_item")
+                continue
+            interactions.append(Interaction(parts[0], parts[1], int(parts[3])))
+    return _finish(Dataset("ml-100k", interactions, items, skipped))
+
+
+def load_catalog(path: str | Path) -> dict[str, dict]:
+    """Item catalog, CSV or JSONL with item_id,text[,title]."""
+    items = {}
+    for row in _rows(Path(path)):
+        if "item_id" not in row or "text" not in row:
+            raise DataError(f"{path}: every catalog row needs item_id and text, got {sorted(row)}")
+        items[str(row["item_id"])] = {"title": str(row.get("title") or row["text"])[:200],
+                                      "text": str(row["text"])}
+    return items
+
+
+def load_log(path: str | Path, catalog: str | Path | None = None) -> Dataset:
+    """Generic interaction log: CSV or JSONL with user_id,item_id,timestamp[,event_type].
+
+    Timestamps may be epoch seconds or milliseconds (values above 1e11 are read as ms).
+    Items absent from the catalog (when one is given) are skipped and counted.
+    """
+    path = Path(path)
+    items = load_catalog(catalog) if catalog else None
+    interactions, skipped, seen_items = [], {}, {}
+    for row in _rows(path):
+        try:
+            user, item = str(row["user_id"]), str(row["item_id"])
+            ts = float(row.get("timestamp", row.get("ts")))
+        except (KeyError, TypeError, ValueError):
+            _count(skipped, "malformed_line")
+            continue
+        if not user or not item or ts != ts or ts < 0:
+            _count(skipped, "malformed_line")
+            continue
+        if items is not None and item not in items:
+            _count(skipped, "unknown_item")
+            continue
+        seen_items.setdefault(item, {"title": item, "text": f"item {item}"})
+        interactions.append(Interaction(user, item, int(ts / 1000 if ts > 1e11 else ts),
+                                        str(row.get("event_type") or "click")))
+    return _finish(Dataset(path.stem, interactions, items or seen_items, skipped))
+
+
+def load_any(path: str | Path, catalog: str | Path | None = None) -> Dataset:
+    """A MovieLens folder, or a generic log file."""
+    path = Path(path)
+    if path.is_dir():
+        return load_movielens(path)
+    if not path.is_file():
+        raise DataError(f"{path} is neither a MovieLens folder nor a log file")
+    return load_log(path, catalog)
+
+
+def _rows(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    with open(path, encoding="utf-8") as handle:
+        if path.suffix in (".jsonl", ".json", ".ndjson"):
+            for line in handle:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                yield obj if isinstance(obj, dict) else {}
+        else:
+            yield from csv.DictReader(handle)
+
+
+def _finish(ds: Dataset) -> Dataset:
+    """Drop exact duplicates (counted), order by user then time (ties by item id)."""
+    unique = list(dict.fromkeys(ds.interactions))
+    if len(unique) != len(ds.interactions):
+        ds.skipped["duplicate"] = ds.skipped.get("duplicate", 0) + len(ds.interactions) - len(unique)
+    ds.interactions = sorted(unique, key=lambda it: (it.user_id, it.ts, _natural(it.item_id)))
+    if not ds.interactions:
+        raise DataError(f"{ds.name}: no usable interactions (skipped: {ds.skipped})")
+    if ds.skipped:
+        log.warning("%s: skipped %s", ds.name, ds.skipped)
+    return ds
+
+
+def _natural(item_id: str):
+    return (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)
+
+
+def user_sequences(ds: Dataset) -> dict[str, list[Interaction]]:
+    seqs: dict[str, list[Interaction]] = defaultdict(list)
+    for it in ds.interactions:
+        seqs[it.user_id].append(it)
+    return dict(seqs)
+
+
+@dataclass
+class Split:
+    train: dict[str, list[Interaction]]  # all but the last two (or everything for short users)
+    valid: dict[str, Interaction]  # second-to-last
+    test: dict[str, Interaction]  # last
+
+
+def leave_one_out(ds: Dataset, min_len: int = 3) -> Split:
+    """Per user in time order: last = test, second-to-last = validation, the rest = train.
+
+    Users with fewer than `min_len` interactions only train.
+    """
+    train, valid, test = {}, {}, {}
+    for user, seq in user_sequences(ds).items():
+        if len(seq) >= min_len:
+            train[user], valid[user], test[user] = seq[:-2], seq[-2], seq[-1]
+        else:
+            train[user] = seq
+    return Split(train, valid, test)
+
+
+def synthetic(n_users: int = 300, n_items: int = 400, n_topics: int = 8, events_per_user: int = 40,
+              session_len: int = 6, seed: int = 0) -> Dataset:
+    """A stream with planted structure.
+
+    Items belong to topics and their text names the topic. Each user has a stable long-term
+    taste (two favourite topics) and short sessions that drift: each session picks a topic,
+    mostly from the taste, and walks through that topic's items in catalog order, so the
+    next item is predictable from the recent ones (short-term) and from the taste (long-term).
+    """
+    rng = random.Random(seed)
+    words = ["space", "cooking", "jazz", "football", "history", "garden", "finance", "horror",
+             "poetry", "chess", "travel", "robots"]
+    topic_items = defaultdict(list)
+    items = {}
+    for i in range(1, n_items + 1):
+        topic = (i - 1) % n_topics
+        topic_items[topic].append(str(i))
+        name = words[topic % len(words)]
+        items[str(i)] = {"title": f"{name.title()} story #{i}", "text": f"A {name} story, {name} number {i}"}
+    interactions = []
+    t0 = 1_700_000_000
+    for u in range(1, n_users + 1):
+        taste = rng.sample(range(n_topics), 2)
+        ts = t0 + rng.randrange(86_400)
+        count = 0
+        while count < events_per_user:
+            topic = rng.choice(taste) if rng.random() < 0.8 else rng.randrange(n_topics)
+            pool = topic_items[topic]
+            start = rng.randrange(len(pool))
+            for step in range(session_len):
+                if count >= events_per_user:
+                    break
+                item = pool[(start + step) % len(pool)]
+                interactions.append(Interaction(str(u), item, ts, "click"))
+                ts += rng.randrange(20, 120)
+                count += 1
+            ts += rng.randrange(3_600, 86_400)
+    return _finish(Dataset("synthetic", interactions, items, {}))

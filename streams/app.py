@@ -1,0 +1,107 @@
+"""The faust.App, its topics and its table. `faust -A streams.app worker` works too.
+
+Records on `events` are read as raw bytes and validated by `streams.events` (a malformed
+record must reach the dead-letter topic with its original bytes, which a typed Faust
+deserialiser would not let us do).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faust
+
+from .config import Settings
+from .errors import ConfigError
+from .local import running_endpoints
+
+log = logging.getLogger(__name__)
+
+
+def resolve_kafka(settings: Settings) -> str:
+    if settings.kafka_bootstrap_servers:
+        return settings.kafka_bootstrap_servers
+    running = running_endpoints(settings.state_dir)
+    if running and running.get("kafka"):
+        return running["kafka"]
+    raise ConfigError(
+        "no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS=host:port, or start the local one with "
+        "`python -m streams up` (or `make demo`)"
+    )
+
+
+def resolve_redis(settings: Settings) -> str | None:
+    if settings.redis_url:
+        return settings.redis_url
+    running = running_endpoints(settings.state_dir)
+    return running.get("redis") if running else None
+
+
+def _credentials(settings: Settings):
+    if not settings.kafka_sasl_mechanism and settings.kafka_security_protocol == "PLAINTEXT":
+        return None
+    import ssl
+
+    context = None
+    if "SSL" in settings.kafka_security_protocol:
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if settings.kafka_sasl_mechanism:
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password,
+                                     mechanism=settings.kafka_sasl_mechanism,
+                                     ssl_context=context)
+    return faust.SSLCredentials(context)
+
+
+def create_app(settings: Settings) -> faust.App:
+    bootstrap = resolve_kafka(settings)
+    datadir = Path(settings.state_dir) / "faust" / f"{settings.app_id}-{settings.web_port}"
+    datadir.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        settings.app_id,
+        broker=f"kafka://{bootstrap}",
+        broker_credentials=_credentials(settings),
+        store="memory://",
+        key_serializer="json",  # the table's changelog keys; our topics override with raw
+        value_serializer="json",
+        datadir=str(datadir),
+        autodiscover=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        # Join the group in seconds, and notice a dead worker in seconds.
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=0.5,
+        broker_rebalance_timeout=30.0,
+        broker_commit_interval=0.5,
+        broker_commit_every=10_000,
+        processing_guarantee=settings.processing_guarantee,
+        producer_acks=-1,
+        producer_linger_ms=1,
+        stream_wait_empty=False,
+        stream_buffer_maxsize=4096,
+        web_enabled=True,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        table_standby_replicas=0,
+        logging_config=None,
+    )
+
+
+settings = Settings.from_env()
+app = create_app(settings)
+
+events_topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw",
+                         partitions=settings.partitions)
+recommendations_topic = app.topic(settings.topic_recommendations, key_serializer="raw",
+                                  value_serializer="raw")
+dlq_topic = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw")
+
+# Per-user short-term state, restored from its changelog topic after a restart or rebalance.
+short_term_table = app.Table(
+    "short_term", default=None, partitions=settings.partitions, key_type=str,
+    help="user_id -> last N items and last M event ids",
+)
+
+from . import pipeline  # noqa: E402  (registers the agent and the web pages on `app`)

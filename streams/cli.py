@@ -1,0 +1,147 @@
+"""`python -m streams <command>`: a thin CLI over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .config import Settings
+from .errors import InterestStreamError
+
+log = logging.getLogger(__name__)
+
+
+def cmd_settings(settings: Settings, args) -> int:
+    print(json.dumps(settings.public_dict(), indent=2))
+    return 0
+
+
+def cmd_install(settings: Settings, args) -> int:
+    """Install what the local stack needs: the Kafka jars (Maven) and Debian's redis-server."""
+    from .local import ensure_kafka_installed, ensure_redis_installed
+
+    print(f"kafka jars: {ensure_kafka_installed()}")
+    print(f"redis-server: {ensure_redis_installed()}")
+    return 0
+
+
+def cmd_up(settings: Settings, args) -> int:
+    """Start the local Kafka and Redis and keep them up until Ctrl-C."""
+    from .kafka_clients import ensure_topics
+    from .local import LocalStack
+
+    stack = LocalStack(settings.state_dir / "local")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        endpoints = stack.start()
+        ensure_topics(settings, endpoints["kafka"])
+        print(f"KAFKA_BOOTSTRAP_SERVERS={endpoints['kafka']}")
+        print(f"REDIS_URL={endpoints['redis']}")
+        print(f"Kafka ready in {stack.kafka.ready_seconds:.1f}s. Ctrl-C stops both.", flush=True)
+        stop.wait()
+    finally:
+        stack.stop()
+    return 0
+
+
+def cmd_worker(settings: Settings, args) -> int:
+    """Run the Faust worker (validates the bundle and the broker first)."""
+    from .bundle import load_bundle
+
+    load_bundle(settings.bundle_dir)  # a missing or corrupt bundle: clear error, exit 2
+    from . import app as app_module
+    from .kafka_clients import ensure_topics
+
+    ensure_topics(settings, app_module.resolve_kafka(settings))
+    from .pipeline import runtime
+
+    runtime()
+    sys.argv = ["streams", "worker", "--loglevel", settings.log_level.lower(),
+                "--web-port", str(settings.web_port), "--web-bind", settings.web_host]
+    app_module.app.main()
+    return 0
+
+
+def cmd_refresher(settings: Settings, args) -> int:
+    from .app import resolve_redis
+    from .bundle import load_bundle
+    from .longterm import redis_client
+    from .refresher import LongTermRefresher
+
+    bundle = load_bundle(settings.bundle_dir)
+    url = resolve_redis(settings)
+    if not url:
+        raise InterestStreamError("no Redis: set REDIS_URL or start the local one (`python -m streams up`)")
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        from .metrics import REGISTRY
+
+        start_http_server(args.metrics_port, addr=settings.web_host, registry=REGISTRY)
+    client = redis_client(url, settings.redis_password, timeout=5.0, asyncio_client=False)
+    refresher = LongTermRefresher(client, bundle, construction=args.construction)
+    if args.once:
+        print(f"refreshed {refresher.refresh_once()} users")
+        return 0
+    refresher.run_forever(settings.long_term_refresh_s)
+    return 0
+
+
+def cmd_demo(settings: Settings, args) -> int:
+    from .demo import run_demo
+
+    return run_demo(settings, events=args.events, rate=args.rate, quick=args.quick)
+
+
+COMMANDS = {
+    "settings": (cmd_settings, "print the effective settings (secrets masked)"),
+    "install": (cmd_install, "install the local Kafka broker (Maven Central) and redis-server"),
+    "up": (cmd_up, "start the local Kafka broker and Redis and keep them running"),
+    "worker": (cmd_worker, "run the stream worker (Faust agent)"),
+    "refresher": (cmd_refresher, "recompute long-term vectors of users marked dirty, periodically"),
+    "demo": (cmd_demo, "everything end to end: broker, Redis, models, worker, refresher, events"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m streams",
+        description="interest-stream: real-time recommendations fusing short- and long-term interests.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=help_, description=help_)
+               for name, (_, help_) in COMMANDS.items()}
+    parsers["refresher"].add_argument("--once", action="store_true", help="one pass, then exit")
+    parsers["refresher"].add_argument("--construction", choices=("pooled", "text"),
+                                      help="override the bundle's long-term construction")
+    parsers["refresher"].add_argument("--metrics-port", type=int, default=0,
+                                      help="serve Prometheus /metrics on this port")
+    parsers["demo"].add_argument("--events", type=int, default=0,
+                                 help="headless: send N events, wait for N outputs, exit")
+    parsers["demo"].add_argument("--rate", type=float, default=20.0, help="events per second")
+    parsers["demo"].add_argument("--quick", action="store_true",
+                                 help="build a quick bundle if none exists (seconds, not minutes)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(level=settings.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return COMMANDS[args.command][0](settings, args)
+    except InterestStreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`make demo`: bring everything up, feed a stream, show what is published, tear down.
+
+Starts (unless KAFKA_BOOTSTRAP_SERVERS / REDIS_URL point elsewhere) the local broker and
+Redis, builds the ml-100k bundle if there is none (the synthetic one when the MovieLens
+files are absent), runs the worker and the refresher as child processes, replays events
+and prints the recommendations as they arrive. `--events N` runs headless and exits 0 once
+N recommendations came back; otherwise it runs until Ctrl-C. Everything it started stops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+from .bundle import MANIFEST, load_bundle
+from .config import Settings
+from .errors import InfraError
+from .events import Event
+from .kafka_clients import consumer, ensure_topics, producer
+from .local import LocalStack, free_port
+from .replay import read_recorded
+
+log = logging.getLogger(__name__)
+
+
+def ensure_bundle(settings: Settings, quick: bool) -> None:
+    if (settings.bundle_dir / MANIFEST).is_file():
+        return
+    data = settings.data_dir if (settings.data_dir / "u.data").is_file() else None
+    if data is None:
+        print(f"MovieLens-100K not found in {settings.data_dir} (put u.data and u.item there, "
+              f"or set DATA_DIR); building a bundle on the synthetic stream instead.")
+    print(f"No model bundle at {settings.bundle_dir}: building one (progress below).", flush=True)
+    cmd = [sys.executable, "-m", "model_export", "build", "--out", str(settings.bundle_dir),
+           "--data", str(data) if data else "synthetic"] + (["--quick"] if quick else [])
+    if subprocess.run(cmd).returncode != 0:
+        raise InfraError("building the model bundle failed (see above)")
+
+
+def demo_events(settings: Settings, bundle, limit: int | None):
+    """ml-100k in time order when present, else random users over the bundle's catalog.
+
+    Event ids are deterministic; ts is stamped at send time so latencies are real.
+    """
+    if (settings.data_dir / "u.data").is_file():
+        yield from read_recorded(settings.data_dir / "u.data", limit=limit)
+        return
+    rng = random.Random(0)
+    items = bundle.items.item_ids
+    for n in range(limit or 10**12):
+        yield Event(f"demo-{n}", f"u{rng.randrange(200)}", rng.choice(items), "click", 0)
+
+
+class Children:
+    """Child processes (worker, refresher) with logs in files; all stopped on exit."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.procs = log_dir, []
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str], env: dict) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "streams", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise InfraError(f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log")
+
+    def stop(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_demo(settings: Settings, events: int = 0, rate: float = 20.0, quick: bool = False) -> int:
+    ensure_bundle(settings, quick)
+    bundle = load_bundle(settings.bundle_dir)
+    stack = LocalStack(settings.state_dir / "local")
+    children = Children(settings.state_dir / "logs")
+    try:
+        endpoints = stack.start(with_kafka=not settings.kafka_bootstrap_servers,
+                                with_redis=not settings.redis_url)
+        kafka = settings.kafka_bootstrap_servers or endpoints["kafka"]
+        redis_url = settings.redis_url or endpoints["redis"]
+        if stack.kafka:
+            print(f"Kafka ready on {kafka} in {stack.kafka.ready_seconds:.1f}s; Redis on {redis_url}")
+        ensure_topics(settings, kafka)
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka, REDIS_URL=redis_url,
+                   BUNDLE_DIR=str(settings.bundle_dir), WEB_PORT=str(free_port()),
+                   LONG_TERM_REFRESH_S=str(min(settings.long_term_refresh_s, 5.0)))
+        children.start("worker", ["worker"], env)
+        children.start("refresher", ["refresher"], env)
+        print(f"worker and refresher started (logs in {children.log_dir})", flush=True)
+        return _feed_and_show(settings, kafka, bundle, events, rate, children)
+    finally:
+        children.stop()
+        stack.stop()
+
+
+def _feed_and_show(settings, kafka, bundle, n_events, rate, children) -> int:
+    out = consumer(settings, kafka, f"demo-{uuid.uuid4().hex[:8]}", **{"auto.offset.reset": "latest"})
+    out.subscribe([settings.topic_recommendations])
+    deadline = time.monotonic() + 30
+    while not out.assignment() and time.monotonic() < deadline:
+        out.poll(0.2)
+    prod = producer(settings, kafka)
+    source = demo_events(settings, bundle, n_events or None)
+    sent, received, wanted, started = 0, 0, set(), time.monotonic()
+    last_progress = time.monotonic()
+    try:
+        while True:
+            children.check()
+            due = int((time.monotonic() - started) * rate) + 1
+            while sent < due and (not n_events or sent < n_events):
+                event = next(source, None)
+                if event is None:
+                    n_events = n_events or sent
+                    break
+                event = dataclasses.replace(event, ts=int(time.time() * 1000))
+                prod.produce(settings.topic_events, key=event.user_id.encode(), value=event.to_json())
+                wanted.add(event.event_id)
+                sent += 1
+            prod.poll(0)
+            msg = out.poll(0.05)
+            if msg is not None and not msg.error():
+                rec = orjson.loads(msg.value())
+                if rec["event_id"] in wanted:
+                    wanted.discard(rec["event_id"])
+                    received += 1
+                    last_progress = time.monotonic()
+                    _show(rec, received)
+            if n_events and received >= n_events:
+                break
+            if n_events and time.monotonic() - last_progress > 120:
+                raise InfraError(f"only {received}/{n_events} recommendations after 120 s without progress")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        prod.flush(10)
+        out.close()
+    elapsed = time.monotonic() - started
+    print(f"published {received} recommendations for {sent} events in {elapsed:.1f}s "
+          f"({received / max(elapsed, 1e-9):.1f}/s)")
+    return 0
+
+
+def _show(rec: dict, n: int) -> None:
+    top = ", ".join(i.get("title") or i["item_id"] for i in rec["items"][:3])
+    lt = rec["long_term"]
+    lt_text = f"long-term v{lt['version']} {lt['age_s']:.0f}s old" if lt else "short-term only"
+    latency = rec["emitted_ts"] - rec["event_ts"]
+    print(f"[{n}] user {rec['user_id']}: {top} | alpha={rec['alpha']:.2f} {rec['fusion_mode']}, "
+          f"{lt_text}, {latency} ms", flush=True)

@@ -1,0 +1,72 @@
+"""confluent-kafka clients configured from Settings, and topic creation.
+
+Used by the replay/record tools, the demo, the tests and the benchmarks (the worker itself
+talks to Kafka through Faust/aiokafka).
+"""
+from __future__ import annotations
+
+import logging
+
+from .config import Settings
+from .errors import InfraError
+
+log = logging.getLogger(__name__)
+
+
+def client_config(settings: Settings, bootstrap: str) -> dict:
+    """Base librdkafka config, security settings included (secrets never logged)."""
+    conf = {"bootstrap.servers": bootstrap,
+            "security.protocol": settings.kafka_security_protocol.lower()}
+    if settings.kafka_sasl_mechanism:
+        conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        conf["sasl.username"] = settings.kafka_sasl_username or ""
+        conf["sasl.password"] = settings.kafka_sasl_password or ""
+    if settings.kafka_ssl_cafile:
+        conf["ssl.ca.location"] = settings.kafka_ssl_cafile
+    return conf
+
+
+def producer(settings: Settings, bootstrap: str, **extra):
+    from confluent_kafka import Producer
+
+    # murmur2 is Java's (and aiokafka's) default partitioner: a user's events land in the
+    # same partition whichever client wrote them, so the state table stays co-partitioned.
+    conf = dict(client_config(settings, bootstrap), **{
+        "partitioner": "murmur2_random", "linger.ms": 5, "enable.idempotence": True})
+    conf.update(extra)
+    return Producer(conf)
+
+
+def consumer(settings: Settings, bootstrap: str, group: str, **extra):
+    from confluent_kafka import Consumer
+
+    conf = dict(client_config(settings, bootstrap), **{
+        "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
+        "session.timeout.ms": 6000})
+    conf.update(extra)
+    return Consumer(conf)
+
+
+def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> None:
+    """Create `events`, `recommendations` and `events.dlq` if missing."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(client_config(settings, bootstrap))
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except Exception as exc:
+        raise InfraError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    wanted = [(settings.topic_events, settings.partitions),
+              (settings.topic_recommendations, settings.partitions),
+              (settings.topic_dlq, 1)]
+    new = [NewTopic(name, num_partitions=n, replication_factor=-1)
+           for name, n in wanted if name not in existing]
+    if not new:
+        return
+    for name, future in admin.create_topics(new, operation_timeout=timeout).items():
+        try:
+            future.result()
+            log.info("created topic %s", name)
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise InfraError(f"cannot create topic {name}: {exc}") from exc

@@ -1,0 +1,164 @@
+"""Redis access: each user's long history, the dirty set, and versioned long-term vectors.
+
+Keys (prefix `is:`):
+  is:hist:{user}  list of item ids, oldest first, capped at LONG_HISTORY_CAP
+  is:dirty        set of users whose history changed since their last refresh
+  is:lt:{user}    hash {vec: float32 bytes, version: int, ts: epoch ms, model: bundle version}
+
+A vector, its version and its time live in one hash written in one MULTI/EXEC, so a reader
+never sees a half-written value. When Redis is down or slow the worker keeps going without
+long-term vectors (degraded) and keeps the history appends it could not write in a bounded
+buffer that is flushed when Redis answers again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+PREFIX = "is:"
+DIRTY = f"{PREFIX}dirty"
+PENDING_CAP = 200_000
+
+
+def hist_key(user: str) -> str:
+    return f"{PREFIX}hist:{user}"
+
+
+def vec_key(user: str) -> str:
+    return f"{PREFIX}lt:{user}"
+
+
+@dataclass(frozen=True)
+class LongTermVector:
+    vec: np.ndarray
+    version: int
+    ts_ms: int
+
+    def age_s(self, now_ms: int) -> float:
+        return max(0.0, (now_ms - self.ts_ms) / 1000.0)
+
+
+def parse_vector(fields: Sequence, model: str, d_model: int) -> LongTermVector | None:
+    """HMGET reply (vec, version, ts, model) -> a vector, or None if absent or from another model."""
+    vec, version, ts, owner = fields
+    if vec is None or version is None or ts is None:
+        return None
+    if owner is not None and owner.decode() != model:
+        return None  # written by another bundle: a different projection, unusable here
+    arr = np.frombuffer(vec, dtype=np.float32)
+    if arr.shape != (d_model,):
+        return None
+    return LongTermVector(arr, int(version), int(ts))
+
+
+def redis_client(url: str, password: str | None, timeout: float, asyncio_client: bool = True):
+    import redis
+    import redis.asyncio as aredis
+
+    module = aredis if asyncio_client else redis
+    return module.Redis.from_url(url, password=password or None, socket_timeout=timeout,
+                                 socket_connect_timeout=timeout, health_check_interval=0)
+
+
+class LongTermStore:
+    """The worker's side: one pipelined round trip per micro-batch."""
+
+    def __init__(self, client, model: str, d_model: int, history_cap: int,
+                 timeout_s: float, retry_s: float):
+        self.client = client
+        self.model, self.d_model = model, d_model
+        self.history_cap = history_cap
+        self.timeout_s, self.retry_s = timeout_s, retry_s
+        self.pending: deque[tuple[str, str]] = deque(maxlen=PENDING_CAP)
+        self.down_until = 0.0
+        self.up = True
+
+    async def sync_batch(self, appends: Iterable[tuple[str, str]], users: Sequence[str]
+                         ) -> dict[str, LongTermVector] | None:
+        """Append (user, item) to the histories, mark those users dirty, read the users' vectors.
+
+        Returns None when Redis is unavailable (the caller publishes degraded output).
+        """
+        self.pending.extend(appends)
+        if time.monotonic() < self.down_until:
+            return None
+        batch_appends = list(self.pending)
+        pipe = self.client.pipeline(transaction=False)
+        for user in users:
+            pipe.hmget(vec_key(user), "vec", "version", "ts", "model")
+        dirty = set()
+        for user, item in batch_appends:
+            pipe.rpush(hist_key(user), item)
+            dirty.add(user)
+        for user in dirty:
+            pipe.ltrim(hist_key(user), -self.history_cap, -1)
+        if dirty:
+            pipe.sadd(DIRTY, *dirty)
+        try:
+            replies = await asyncio.wait_for(pipe.execute(), self.timeout_s * 4)
+        except Exception as exc:  # ConnectionError, TimeoutError, RedisError ...
+            self._mark_down(exc)
+            return None
+        for _ in batch_appends:
+            self.pending.popleft()
+        if not self.up:
+            log.info("Redis is back; long-term vectors restored")
+        self.up = True
+        return {user: v for user, fields in zip(users, replies[:len(users)])
+                if (v := parse_vector(fields, self.model, self.d_model)) is not None}
+
+    def _mark_down(self, exc: Exception) -> None:
+        if self.up:
+            log.warning("Redis unavailable (%s: %s); publishing short-term only, retry in %.1fs",
+                        type(exc).__name__, exc, self.retry_s)
+        self.up = False
+        self.down_until = time.monotonic() + self.retry_s
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception:
+            pass
+
+
+# --- synchronous helpers (refresher, privacy, tests) -------------------------------------
+
+def take_dirty(client, count: int) -> list[str]:
+    users = client.spop(DIRTY, count) or []
+    return [u.decode() if isinstance(u, bytes) else u for u in users]
+
+
+def read_histories(client, users: Sequence[str]) -> list[list[str]]:
+    pipe = client.pipeline(transaction=False)
+    for user in users:
+        pipe.lrange(hist_key(user), 0, -1)
+    return [[item.decode() for item in items] for items in pipe.execute()]
+
+
+def write_vectors(client, users: Sequence[str], vectors: np.ndarray, model: str, now_ms: int) -> None:
+    """Write every user's vector, bumping its version, in one MULTI/EXEC."""
+    pipe = client.pipeline(transaction=True)
+    for user, vec in zip(users, vectors):
+        pipe.hincrby(vec_key(user), "version", 1)
+        pipe.hset(vec_key(user), mapping={"vec": np.asarray(vec, np.float32).tobytes(),
+                                          "ts": now_ms, "model": model})
+    pipe.execute()
+
+
+def read_vector(client, user: str, model: str, d_model: int) -> LongTermVector | None:
+    return parse_vector(client.hmget(vec_key(user), "vec", "version", "ts", "model"), model, d_model)
+
+
+def forget_user(client, user: str) -> int:
+    """Remove everything Redis holds about `user`; returns the number of keys deleted."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(hist_key(user), vec_key(user))
+    pipe.srem(DIRTY, user)
+    return int(pipe.execute()[0])

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the worker and the refresher (served at /metrics)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+
+EVENTS_IN = Counter("events_in_total", "Records read from the events topic", registry=REGISTRY)
+EVENTS_OUT = Counter("recommendations_out_total", "Recommendations published", registry=REGISTRY)
+EVENTS_DLQ = Counter("events_dead_lettered_total", "Records sent to the DLQ", ["reason"],
+                     registry=REGISTRY)
+DUPLICATES = Counter("events_duplicate_total", "Redelivered events (state left unchanged)",
+                     registry=REGISTRY)
+DEGRADED = Counter("recommendations_degraded_total",
+                   "Recommendations published without the long-term vector (Redis down)",
+                   registry=REGISTRY)
+BATCH_SIZE = Histogram("batch_size", "Events per micro-batch", registry=REGISTRY,
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+INFERENCE_SECONDS = Histogram("inference_seconds", "GPT + fusion time per batch", registry=REGISTRY,
+                              buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1))
+REDIS_SECONDS = Histogram("redis_seconds", "Redis round trip per batch", registry=REGISTRY,
+                          buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
+REDIS_UP = Gauge("redis_up", "1 when the last Redis round trip succeeded", registry=REGISTRY)
+CONSUMER_LAG = Gauge("consumer_lag", "Records behind the end of the events topic", registry=REGISTRY)
+REFRESHES = Counter("long_term_refreshed_total", "Long-term vectors recomputed", registry=REGISTRY)
+REFRESH_SECONDS = Histogram("long_term_refresh_seconds", "Duration of one refresh pass",
+                            registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

@@ -1,0 +1,186 @@
+"""The agent: wires the pure pieces (events, state, inference) to Kafka and Redis.
+
+One micro-batch (bounded by BATCH_SIZE and BATCH_WITHIN_S):
+  1. validate every record; bad ones go to the DLQ with reason and original bytes;
+  2. update each user's short-term state in the table (redeliveries change nothing);
+  3. one pipelined Redis round trip: append histories, mark dirty, read long-term vectors;
+  4. one GPT call and one fusion call for the whole batch;
+  5. one recommendation per valid event on `recommendations`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import orjson
+from faust.streams import _current_event
+
+from . import metrics
+from .app import app, dlq_topic, events_topic, recommendations_topic, resolve_redis, settings
+from .app import short_term_table
+from .bundle import Bundle, load_bundle
+from .config import Settings
+from .events import Event, EventRules, decode_event, dlq_record
+from .inference import RecommendationBatch, Recommender
+from .longterm import LongTermStore, LongTermVector, redis_client
+from .state import last_event_ts, recent_items, update_short_term
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What the agent needs besides Kafka: the bundle, the models and the Redis store."""
+
+    settings: Settings
+    bundle: Bundle
+    recommender: Recommender
+    rules: EventRules
+    store: LongTermStore | None
+    fusion_mode: str
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Runtime":
+        bundle = load_bundle(settings.bundle_dir)
+        rules = EventRules(event_types=frozenset(settings.weights()), known_items=bundle.items,
+                           max_payload_bytes=settings.max_payload_bytes,
+                           max_future_skew_ms=int(settings.max_future_skew_s * 1000))
+        url = resolve_redis(settings)
+        store = None
+        if url:
+            store = LongTermStore(redis_client(url, settings.redis_password, settings.redis_timeout_s),
+                                  bundle.version, int(bundle.dims["d_model"]),
+                                  settings.long_history_cap, settings.redis_timeout_s,
+                                  settings.redis_retry_s)
+        else:
+            log.warning("no Redis configured (REDIS_URL): short-term recommendations only")
+        mode = settings.fusion_mode or bundle.manifest.get("default_fusion_mode", "fixed")
+        return cls(settings, bundle, Recommender(bundle), rules, store, mode)
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime.load(settings)
+    return _runtime
+
+
+@dataclass
+class Pending:
+    """A valid event after its state update, waiting for inference."""
+
+    event: Event
+    rows: list[int]  # the user's recent item rows, oldest first
+    dt_s: float  # seconds since the user's previous event
+    is_new: bool  # False for a redelivered event: state and history left unchanged
+
+
+def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]:
+    """Update the table for each valid event, in order; returns what to score."""
+    row_of = rt.bundle.items.row_of
+    out = []
+    for faust_event, event in valid:
+        # Table writes go to the changelog partition of the *current* event: set it per
+        # event, since a batch holds events of several partitions.
+        _current_event.set(weakref.ref(faust_event))
+        state = short_term_table.get(event.user_id)
+        previous_ts = last_event_ts(state)
+        new_state, is_new = update_short_term(state, event, settings.short_term_len,
+                                              settings.dedup_window)
+        if is_new:
+            short_term_table[event.user_id] = new_state
+        else:
+            metrics.DUPLICATES.inc()
+        rows = [row_of[i] for i in recent_items(new_state) if i in row_of]
+        dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
+        out.append(Pending(event, rows, max(dt, 0.0), is_new))
+    return out
+
+
+def render_output(p: Pending, batch: RecommendationBatch, i: int, rt: Runtime,
+                  long_vec: LongTermVector | None, degraded: bool, now_ms: int) -> bytes:
+    items = rt.bundle.items
+    return orjson.dumps({
+        "event_id": p.event.event_id,
+        "user_id": p.event.user_id,
+        "items": [{"item_id": items.item_at(int(r)), "score": round(float(s), 4),
+                   "title": items.title_at(int(r))}
+                  for r, s in zip(batch.rows[i], batch.scores[i])],
+        "interest": [round(float(x), 5) for x in batch.fused[i]],
+        "alpha": round(float(batch.alpha[i]), 4),
+        "fusion_mode": rt.fusion_mode,
+        "long_term": None if long_vec is None else {
+            "version": long_vec.version, "age_s": round(long_vec.age_s(now_ms), 3)},
+        "degraded": degraded,
+        "model_version": rt.bundle.version,
+        "event_ts": p.event.ts,
+        "emitted_ts": now_ms,
+    })
+
+
+async def process_batch(events: Sequence) -> None:
+    rt = runtime()
+    now_ms = int(time.time() * 1000)
+    metrics.EVENTS_IN.inc(len(events))
+    metrics.BATCH_SIZE.observe(len(events))
+    valid = []
+    for fe in events:
+        result = decode_event(fe.value, rt.rules, now_ms)
+        if isinstance(result, Event):
+            valid.append((fe, result))
+            continue
+        msg = fe.message
+        metrics.EVENTS_DLQ.labels(result.reason).inc()
+        await dlq_topic.send(key=msg.key, value=dlq_record(
+            result, fe.value, msg.topic, msg.partition, msg.offset, now_ms))
+    if not valid:
+        return
+    pending = apply_state(valid, rt)
+    users = list(dict.fromkeys(p.event.user_id for p in pending))
+    long_vecs, degraded = None, rt.store is None
+    if rt.store is not None:
+        started = time.perf_counter()
+        long_vecs = await rt.store.sync_batch(
+            [(p.event.user_id, p.event.item_id) for p in pending if p.is_new], users)
+        metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
+        degraded = long_vecs is None
+        metrics.REDIS_UP.set(0 if degraded else 1)
+    long_vecs = long_vecs or {}
+    started = time.perf_counter()
+    batch = rt.recommender.recommend(
+        [p.rows for p in pending],
+        [long_vecs[u].vec if u in long_vecs else None for u in (p.event.user_id for p in pending)],
+        [p.dt_s for p in pending], [p.rows for p in pending],
+        rt.fusion_mode, rt.settings.fusion_alpha, rt.settings.top_k)
+    metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    emitted_ms = int(time.time() * 1000)
+    for i, p in enumerate(pending):
+        value = render_output(p, batch, i, rt, long_vecs.get(p.event.user_id), degraded, emitted_ms)
+        await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
+    metrics.EVENTS_OUT.inc(len(pending))
+    if degraded:
+        metrics.DEGRADED.inc(len(pending))
+
+
+@app.agent(events_topic, name="recommend")
+async def recommend(stream):
+    async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+        await process_batch(events)
+
+
+@app.page("/metrics")
+async def metrics_page(web_view, request):
+    return web_view.bytes(metrics.render(), content_type="text/plain")
+
+
+@app.page("/healthz")
+async def health_page(web_view, request):
+    rt = _runtime
+    return web_view.json({"ok": rt is not None, "redis_up": bool(rt and rt.store and rt.store.up),
+                          "model_version": rt.bundle.version if rt else None})

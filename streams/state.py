@@ -1,0 +1,52 @@
+"""Per-user short-term state: the last N items and the last M event ids.
+
+Pure functions over plain JSON-able dicts, so the value can live in a Faust Table whose
+changelog is JSON. A redelivered event (same event_id) leaves the state unchanged.
+
+State layout::
+
+    {"items": [[item_id, ts_ms, event_type], ...],   # oldest first, at most N
+     "event_ids": [event_id, ...],                    # oldest first, at most M
+     "n_events": int}                                 # distinct events ever applied
+"""
+from __future__ import annotations
+
+from typing import TypedDict
+
+from .events import Event
+
+
+class ShortTermState(TypedDict):
+    items: list[list]
+    event_ids: list[str]
+    n_events: int
+
+
+def empty_state() -> ShortTermState:
+    return {"items": [], "event_ids": [], "n_events": 0}
+
+
+def update_short_term(
+    state: ShortTermState | None, event: Event, max_items: int, max_ids: int
+) -> tuple[ShortTermState, bool]:
+    """Apply `event`; return (new state, whether it was new). Never mutates `state`."""
+    state = state or empty_state()
+    if event.event_id in state["event_ids"]:
+        return state, False
+    items = state["items"][-(max_items - 1):] if max_items > 1 else []
+    ids = state["event_ids"][-(max_ids - 1):] if max_ids > 1 else []
+    return {
+        "items": items + [[event.item_id, event.ts, event.event_type]],
+        "event_ids": ids + [event.event_id],
+        "n_events": state["n_events"] + 1,
+    }, True
+
+
+def recent_items(state: ShortTermState | None) -> list[str]:
+    """The user's recent item ids, oldest first."""
+    return [entry[0] for entry in state["items"]] if state else []
+
+
+def last_event_ts(state: ShortTermState | None) -> int | None:
+    """Timestamp (ms) of the newest event in the state, or None for a new user."""
+    return state["items"][-1][1] if state and state["items"] else None

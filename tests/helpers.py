@@ -1,0 +1,48 @@
+"""Test helpers over real Kafka: produce events, collect what comes out."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+
+from streams.events import Event
+from streams.kafka_clients import consumer, ensure_topics, producer
+
+
+def make_events(n: int, users: int = 5, items=("1", "2", "3", "4", "5", "6", "7", "8"),
+                prefix: str | None = None, ts: int | None = None) -> list[Event]:
+    prefix = prefix or uuid.uuid4().hex[:6]
+    now = ts or int(time.time() * 1000)
+    return [Event(f"{prefix}-{i}", f"user{i % users}", items[(i * 7 + i // users) % len(items)],
+                  "click", now + i) for i in range(n)]
+
+
+def send(settings, events=(), raw=()) -> None:
+    """Produce Event objects (keyed by user) and raw byte payloads to the events topic."""
+    prod = producer(settings, settings.kafka_bootstrap_servers)
+    for event in events:
+        prod.produce(settings.topic_events, key=event.user_id.encode(), value=event.to_json())
+    for payload in raw:
+        prod.produce(settings.topic_events, key=b"raw", value=payload)
+    assert prod.flush(30) == 0
+
+
+def collect(settings, topic: str, count: int, timeout: float = 60.0, settle: float = 0.0) -> list[dict]:
+    """Read `topic` from the beginning until `count` records (then `settle` more seconds)."""
+    ensure_topics(settings, settings.kafka_bootstrap_servers)
+    cons = consumer(settings, settings.kafka_bootstrap_servers, f"collect-{uuid.uuid4().hex[:8]}")
+    cons.subscribe([topic])
+    out, deadline, extra_until = [], time.monotonic() + timeout, None
+    try:
+        while time.monotonic() < deadline:
+            msg = cons.poll(0.2)
+            if msg is not None and not msg.error():
+                out.append(orjson.loads(msg.value()))
+            if len(out) >= count and extra_until is None:
+                extra_until = time.monotonic() + settle
+            if extra_until is not None and time.monotonic() >= extra_until:
+                break
+    finally:
+        cons.close()
+    return out

@@ -1,0 +1,49 @@
+"""A quick build on synthetic data: the bundle is complete and the models learned something."""
+import json
+
+import numpy as np
+import pytest
+
+from model_export import data
+from model_export.evaluate import ROWS, evaluate
+from streams.bundle import FILES, load_bundle
+from streams.errors import BundleError
+
+
+def test_quick_bundle_is_complete_and_fused_beats_popularity(quick_bundle):
+    bundle = load_bundle(quick_bundle)
+    for name in FILES.values():
+        assert (quick_bundle / name).is_file()
+    m = bundle.manifest["metrics"]
+    assert set(m) == set(ROWS)
+    assert m["gpt"]["ndcg@10"] > 2 * m["popularity"]["ndcg@10"]
+    assert m["fused_gate"]["ndcg@10"] > m["popularity"]["ndcg@10"]
+    assert m["bert"]["ndcg@10"] > m["popularity"]["ndcg@10"]
+    assert bundle.manifest["parity"] == {"short_term.onnx": "ok", "text_encoder.onnx": "ok",
+                                         "fusion.onnx": "ok"}
+
+
+def test_evaluate_counts_unknown_items_instead_of_scoring_them(quick_bundle):
+    ds = data.synthetic(n_users=30, n_items=240, events_per_user=30, seed=1)
+    test_item = data.user_sequences(ds)["3"][-1]
+    ds.interactions = [data.Interaction(i.user_id, "ghost", i.ts) if i == test_item else i
+                       for i in ds.interactions]
+    result = evaluate(quick_bundle, ds, progress=False, rows=("popularity", "gpt"))
+    assert result["skipped"] == {"unknown_target_item": 1}
+    assert result["n_users"] == 29
+    for row in result["models"].values():
+        assert 0 <= row["hr@10"] <= 1 and 0 <= row["coverage@10"] <= 1
+
+
+def test_corrupt_or_missing_bundle_names_the_file(quick_bundle, tmp_path):
+    with pytest.raises(BundleError, match="manifest.json"):
+        load_bundle(tmp_path / "nowhere")
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_bundle, copy)
+    (copy / "fusion.onnx").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="fusion.onnx"):
+        load_bundle(copy)
+    (copy / "fusion.onnx").unlink()
+    with pytest.raises(BundleError, match="fusion.onnx"):
+        load_bundle(copy)

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from model_export import data
+
+
+def test_movielens_loader_orders_by_time_and_reads_titles(tmp_path):
+    (tmp_path / "u.item").write_text(
+        "1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
+        "2|GoldenEye (1995)|01-Jan-1995||http://x|0|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0|0\n",
+        encoding="latin-1")
+    (tmp_path / "u.data").write_text("1\t2\t3\t200\n1\t1\t5\t100\nbad line\n1\t9\t4\t50\n2\t1\t4\t10\n")
+    ds = data.load_movielens(tmp_path)
+    assert [(i.user_id, i.item_id, i.ts) for i in ds.interactions] == [
+        ("1", "1", 100), ("1", "2", 200), ("2", "1", 10)]
+    assert ds.skipped == {"malformed_line": 1, "unknown_item": 1}
+    assert ds.items["1"]["title"] == "Toy Story (1995)"
+    assert ds.items["2"]["text"] == "GoldenEye (1995). Action, Adventure, Thriller"
+
+
+def test_missing_movielens_says_where_to_put_it(tmp_path):
+    with pytest.raises(data.DataError, match="u.data"):
+        data.load_movielens(tmp_path)
+
+
+def test_generic_jsonl_log_with_catalog_and_bad_lines(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [{"user_id": "a", "item_id": "x", "timestamp": 5_000_000_000_000},
+            {"user_id": "a", "item_id": "y", "timestamp": 4, "event_type": "view"},
+            {"user_id": "a", "item_id": "zz", "timestamp": 6}, {"user_id": "a"}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    catalog = tmp_path / "items.csv"
+    catalog.write_text("item_id,text\nx,Item X\ny,Item Y\n")
+    ds = data.load_log(log, catalog)
+    assert [(i.item_id, i.ts, i.event_type) for i in ds.interactions] == [
+        ("y", 4, "view"), ("x", 5_000_000_000, "click")]
+    assert ds.skipped == {"unknown_item": 1, "malformed_line": 2}
+
+
+def test_duplicates_are_dropped_and_counted(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\na,x,1\na,x,1\na,y,2\n")
+    ds = data.load_log(log)
+    assert len(ds.interactions) == 2 and ds.skipped == {"duplicate": 1}
+
+
+def test_leave_one_out_split():
+    ds = data.synthetic(n_users=5, n_items=40, events_per_user=10, seed=3)
+    split = data.leave_one_out(ds)
+    seqs = data.user_sequences(ds)
+    for user, seq in seqs.items():
+        assert split.test[user] == seq[-1] and split.valid[user] == seq[-2]
+        assert split.train[user] == seq[:-2]
+        assert [i.ts for i in seq] == sorted(i.ts for i in seq)
+
+
+def test_synthetic_stream_has_planted_sessions():
+    ds = data.synthetic(n_users=20, n_items=80, n_topics=8, events_per_user=24, seed=0)
+    same_topic = total = 0
+    for seq in data.user_sequences(ds).values():
+        for a, b in zip(seq, seq[1:]):
+            total += 1
+            same_topic += (int(a.item_id) - int(b.item_id)) % 8 == 0
+    assert same_topic / total > 0.7  # consecutive items mostly share a topic
+    assert data.synthetic(seed=1).content_hash() == data.synthetic(seed=1).content_hash()
