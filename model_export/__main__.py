@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,8 @@ def cmd_build(args) -> int:
         cfg.epochs, cfg.fusion_epochs = 4, 1
     if args.epochs is not None:
         cfg.epochs = args.epochs
+    if args.half_life is not None:
+        cfg.half_life = args.half_life
     started = time.time()
     manifest = build(_dataset(args), Path(args.out), gpt, cfg, fusion_mode=args.fusion_mode)
     print(f"bundle {manifest['version']} -> {args.out} in {time.time() - started:.1f}s")
@@ -53,6 +55,8 @@ def cmd_evaluate(args) -> int:
 
 
 def main(argv=None) -> int:
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "10")  # progress bars in logs: a line per 10 s
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(prog="python -m model_export",
                                      description="Train, export and evaluate interest-stream models.")
@@ -65,6 +69,8 @@ def main(argv=None) -> int:
     b.add_argument("--epochs", type=int)
     b.add_argument("--quick", action="store_true", help="a few epochs: a bundle in under a minute")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--half-life", type=float,
+                   help="recency half-life (in items) of the pooled long-term vector (default 20)")
     b.add_argument("--fusion-mode", default="gate", choices=("fixed", "attention", "gate"))
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("evaluate", help="offline metrics of a bundle on the leave-one-out test split")

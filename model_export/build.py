@@ -35,7 +35,7 @@ def item_records(ds: data.Dataset) -> list[dict]:
 
 def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
           train_cfg: train.TrainConfig | None = None, fusion_mode: str = "gate",
-          fixed_alpha: float = 0.5, evaluate_after: bool = True) -> dict:
+          fixed_alpha: float | None = None, evaluate_after: bool = True) -> dict:
     """Train everything on `dataset`'s training split and write a bundle into `out`."""
     started = time.time()
     train_cfg = train_cfg or train.TrainConfig()
@@ -57,9 +57,16 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     text_emb = np.vstack([np.zeros((1, item_text.shape[1]), np.float32), item_text])
 
     cfg = GPTConfig(n_rows=n_rows, **(gpt_cfg or {}))
-    gpt = train.train_gpt(seqs, cfg, train_cfg)
-    examples = train.fusion_examples(gpt, seqs, times, text_emb, train_cfg.half_life, HIST_LEN)
-    proj, gate = train.train_fusion(gpt, examples, text_emb, train_cfg)
+    tail = train_cfg.held_out_tail
+    gpt_seqs = [s[:-tail] if len(s) > 2 * tail else s for s in seqs]
+    gpt = train.train_gpt(gpt_seqs, cfg, train_cfg)
+    examples = train.fusion_examples(gpt, seqs, times, text_emb, train_cfg.half_life, HIST_LEN,
+                                     held_out_tail=tail)
+    held_out = examples.subset(examples.held_out)
+    proj = train.train_projection(gpt, examples, text_emb.shape[1], train_cfg)
+    gate = train.train_gate(gpt, proj, held_out, train_cfg)
+    if fixed_alpha is None:
+        fixed_alpha = train.tune_fixed_alpha(gpt, proj, held_out)
 
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():

@@ -1,4 +1,8 @@
-"""Training: the GPT on next-item prediction, then the projection and gate with the GPT frozen."""
+"""Training: the GPT on next-item prediction, then the projection and the gate, GPT frozen.
+
+The GPT trains on each user's training sequence minus its last `held_out_tail` items; the
+projection trains on every position, the gate and the fixed weight on the held-out ones.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .fusion import InterestGate, LongTermProjection, attention_weight
+from .fusion import InterestGate, LongTermProjection
 from .gpt import GPTConfig, ItemGPT
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     fusion_epochs: int = 6
+    gate_epochs: int = 20
+    held_out_tail: int = 5  # last train items per user kept from the GPT for the gate
     half_life: float = 20.0
     seed: int = 0
     progress: bool = True
@@ -92,15 +98,25 @@ class FusionExamples:
     hist: torch.Tensor  # (M, N) left-padded item rows
     dt: torch.Tensor  # (M, 1)
     target: torch.Tensor  # (M,)
+    held_out: torch.Tensor  # (M,) bool: the GPT never trained on this target
+
+    def subset(self, mask: torch.Tensor) -> "FusionExamples":
+        return FusionExamples(*(t[mask] for t in (self.h_s, self.pooled, self.hist, self.dt,
+                                                    self.target, self.held_out)))
 
 
 @torch.no_grad()
 def fusion_examples(gpt: ItemGPT, sequences: list[list[int]], times: list[list[int]],
-                    text_emb: np.ndarray, half_life: float, hist_len: int) -> FusionExamples:
-    """One example per (user, position >= 1): everything known after item t-1, target item t."""
+                    text_emb: np.ndarray, half_life: float, hist_len: int,
+                    held_out_tail: int) -> FusionExamples:
+    """One example per (user, position >= 1): everything known after item t-1, target item t.
+
+    The last `held_out_tail` targets of each sequence longer than 2*held_out_tail were kept
+    from the GPT's training, so their h_s is out-of-sample, as at serving time.
+    """
     gpt.eval()
     max_len = gpt.cfg.max_len
-    h_s, pooled, hist, dt, target = [], [], [], [], []
+    h_s, pooled, hist, dt, target, held = [], [], [], [], [], []
     for seq, ts in zip(sequences, times):
         if len(seq) < 2:
             continue
@@ -118,44 +134,75 @@ def fusion_examples(gpt: ItemGPT, sequences: list[list[int]], times: list[list[i
                 hist.append([0] * (hist_len - len(recent)) + recent)
                 dt.append(np.log1p(max(ts[t] - ts[t - 1], 0)) if t > 0 else 0.0)
                 target.append(seq[t + 1])
+                held.append(len(seq) > 2 * held_out_tail and t + 1 >= len(seq) - held_out_tail)
     return FusionExamples(
         torch.stack(h_s), torch.from_numpy(np.stack(pooled)), torch.tensor(hist),
-        torch.tensor(dt, dtype=torch.float32)[:, None], torch.tensor(target))
+        torch.tensor(dt, dtype=torch.float32)[:, None], torch.tensor(target), torch.tensor(held))
 
 
-def train_fusion(gpt: ItemGPT, ex: FusionExamples, text_emb: np.ndarray, cfg: TrainConfig):
-    """Train the projection (BERT -> GPT space) and the gate jointly; the GPT stays frozen.
+def _batches(n: int, size: int, gen: torch.Generator):
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, size):
+        yield order[start:start + size]
 
-    Loss = CE(gate-fused scores) + CE(long-term-only scores) + CE(attention-fused scores):
-    the projection must make h_l useful alone and inside every fusion mode.
-    """
+
+def train_projection(gpt: ItemGPT, ex: FusionExamples, d_text: int, cfg: TrainConfig
+                     ) -> LongTermProjection:
+    """BERT space -> GPT item space, so that h_l alone ranks the next item (all positions)."""
     torch.manual_seed(cfg.seed)
-    d_model, d_text = gpt.cfg.d_model, text_emb.shape[1]
-    proj, gate = LongTermProjection(d_text, d_model), InterestGate(d_model)
-    item_emb = gpt.item_embeddings.detach()  # (n_rows, D)
-    text = torch.from_numpy(text_emb)
-    params = list(proj.parameters()) + list(gate.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=cfg.weight_decay)
-    batch = 512
-    steps = cfg.fusion_epochs * ((len(ex.target) + batch - 1) // batch)
-    bar = tqdm(total=steps, desc="fusion", disable=not cfg.progress, unit="step")
+    proj = LongTermProjection(d_text, gpt.cfg.d_model)
+    item_emb = gpt.item_embeddings.detach()
+    opt = torch.optim.AdamW(proj.parameters(), lr=3e-3, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.fusion_epochs):
-        order = torch.randperm(len(ex.target), generator=gen)
-        for start in range(0, len(order), batch):
-            idx = order[start:start + batch]
-            h_s, h_l = ex.h_s[idx], proj(ex.pooled[idx])
-            hist = ex.hist[idx]
-            hist_e = proj(text[hist])  # (B, N, D)
-            a_gate = gate(h_s, h_l, ex.dt[idx])
-            a_att = attention_weight(h_s, h_l, hist_e, (hist > 0).float())
-            y = ex.target[idx]
-            loss = sum(F.cross_entropy(v @ item_emb.T, y) for v in (
-                a_gate * h_s + (1 - a_gate) * h_l, h_l, a_att * h_s + (1 - a_att) * h_l))
+    bar = tqdm(total=cfg.fusion_epochs, desc="projection", disable=not cfg.progress, unit="epoch")
+    for _ in range(cfg.fusion_epochs):
+        for idx in _batches(len(ex.target), 512, gen):
+            loss = F.cross_entropy(proj(ex.pooled[idx]) @ item_emb.T, ex.target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    return proj.eval(), gate.eval()
+    return proj.eval()
+
+
+def train_gate(gpt: ItemGPT, proj: LongTermProjection, ex: FusionExamples, cfg: TrainConfig
+               ) -> InterestGate:
+    """The gate, on held-out positions only (in-sample h_s would teach it to trust h_s blindly)."""
+    torch.manual_seed(cfg.seed)
+    gate = InterestGate(gpt.cfg.d_model)
+    item_emb = gpt.item_embeddings.detach()
+    with torch.no_grad():
+        h_l = proj(ex.pooled)
+    opt = torch.optim.AdamW(gate.parameters(), lr=2e-3, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=cfg.gate_epochs, desc="gate", disable=not cfg.progress, unit="epoch")
+    for _ in range(cfg.gate_epochs):
+        for idx in _batches(len(ex.target), 256, gen):
+            a = gate(ex.h_s[idx], h_l[idx], ex.dt[idx])
+            fused = a * ex.h_s[idx] + (1 - a) * h_l[idx]
+            loss = F.cross_entropy(fused @ item_emb.T, ex.target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return gate.eval()
+
+
+@torch.no_grad()
+def tune_fixed_alpha(gpt: ItemGPT, proj: LongTermProjection, ex: FusionExamples) -> float:
+    """The fixed mode's short-term weight with the best NDCG@10 on held-out positions."""
+    item_emb = gpt.item_embeddings
+    h_l = proj(ex.pooled)
+    best, best_alpha = -1.0, 1.0
+    for alpha in [i / 10 for i in range(11)]:
+        scores = (alpha * ex.h_s + (1 - alpha) * h_l) @ item_emb.T
+        target = scores.gather(1, ex.target[:, None])
+        rank = 1 + (scores > target).sum(1)
+        ndcg = torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), torch.zeros(())).mean()
+        if ndcg > best:
+            best, best_alpha = float(ndcg), alpha
+    return best_alpha

@@ -48,7 +48,7 @@ class Settings:
     batch_within_s: float = 0.02  #: BATCH_WITHIN_S: wait at most this long to fill a batch
     top_k: int = 10  #: TOP_K
     fusion_mode: str = ""  #: FUSION_MODE: fixed | attention | gate; empty: the bundle's default
-    fusion_alpha: float = 0.5  #: FUSION_ALPHA: short-term weight of the `fixed` mode
+    fusion_alpha: float | None = None  #: FUSION_ALPHA: fixed mode's short-term weight; unset: the bundle's
     short_term_len: int = 50  #: SHORT_TERM_LEN: last N items kept per user
     dedup_window: int = 200  #: DEDUP_WINDOW: last M event_ids kept per user
     event_weights: str = DEFAULT_EVENT_WEIGHTS  #: EVENT_WEIGHTS: type:weight,...
@@ -84,7 +84,7 @@ class Settings:
                 f"PROCESSING_GUARANTEE={self.processing_guarantee!r} is not one of "
                 f"{', '.join(PROCESSING_GUARANTEES)}"
             )
-        if not 0.0 <= self.fusion_alpha <= 1.0:
+        if self.fusion_alpha is not None and not 0.0 <= self.fusion_alpha <= 1.0:
             raise ConfigError(f"FUSION_ALPHA={self.fusion_alpha} must lie in [0, 1]")
         for name in ("partitions", "batch_size", "top_k", "short_term_len", "dedup_window"):
             if getattr(self, name) < 1:

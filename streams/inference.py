@@ -96,13 +96,17 @@ class LongTermEncoder:
     def project(self, emb: np.ndarray) -> np.ndarray:
         return (emb @ self.W + self.b).astype(np.float32)
 
-    def pooled(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+    def pooled(self, histories: Sequence[Sequence[int]],
+               event_weights: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+        """Recency-weighted mean of the items' BERT vectors, times each event type's weight."""
         out = np.zeros((len(histories), self.item_text_emb.shape[1]), dtype=np.float32)
         for i, rows in enumerate(histories):
             if not len(rows):
                 continue
             age = np.arange(len(rows) - 1, -1, -1, dtype=np.float32)  # newest has age 0
             weights = 0.5 ** (age / self.half_life)
+            if event_weights is not None:
+                weights = weights * np.asarray(event_weights[i], dtype=np.float32)
             vec = weights @ self.item_text_emb[np.asarray(rows)]
             out[i] = vec / max(float(np.linalg.norm(vec)), 1e-8)
         return self.project(out)
@@ -114,10 +118,11 @@ class LongTermEncoder:
                  for rows in histories]
         return self.project(self.text_encoder.encode(texts))
 
-    def encode(self, histories: Sequence[Sequence[int]], construction: str | None = None):
+    def encode(self, histories: Sequence[Sequence[int]], construction: str | None = None,
+               event_weights: Sequence[Sequence[float]] | None = None):
         construction = construction or self.construction
         if construction == "pooled":
-            return self.pooled(histories)
+            return self.pooled(histories, event_weights)
         if construction == "text":
             return self.text_profile(histories)
         raise BundleError(f"unknown long-term construction {construction!r} (pooled | text)")

@@ -1,7 +1,8 @@
 """Redis access: each user's long history, the dirty set, and versioned long-term vectors.
 
 Keys (prefix `is:`):
-  is:hist:{user}  list of item ids, oldest first, capped at LONG_HISTORY_CAP
+  is:hist:{user}  list of "item_id" or "item_id<TAB>weight" (event-type weight != 1),
+                  oldest first, capped at LONG_HISTORY_CAP
   is:dirty        set of users whose history changed since their last refresh
   is:lt:{user}    hash {vec: float32 bytes, version: int, ts: epoch ms, model: bundle version}
 
@@ -135,11 +136,26 @@ def take_dirty(client, count: int) -> list[str]:
     return [u.decode() if isinstance(u, bytes) else u for u in users]
 
 
-def read_histories(client, users: Sequence[str]) -> list[list[str]]:
+def history_entry(item_id: str, weight: float) -> str:
+    return item_id if weight == 1.0 else f"{item_id}\t{weight:g}"
+
+
+def parse_entry(entry: str) -> tuple[str, float]:
+    item, tab, weight = entry.rpartition("\t")
+    if not tab:
+        return entry, 1.0
+    try:
+        return item, float(weight)
+    except ValueError:
+        return entry, 1.0
+
+
+def read_histories(client, users: Sequence[str]) -> list[list[tuple[str, float]]]:
+    """Each user's long history as (item_id, event weight), oldest first."""
     pipe = client.pipeline(transaction=False)
     for user in users:
         pipe.lrange(hist_key(user), 0, -1)
-    return [[item.decode() for item in items] for items in pipe.execute()]
+    return [[parse_entry(item.decode()) for item in items] for items in pipe.execute()]
 
 
 def write_vectors(client, users: Sequence[str], vectors: np.ndarray, model: str, now_ms: int) -> None:

@@ -25,7 +25,7 @@ from .bundle import Bundle, load_bundle
 from .config import Settings
 from .events import Event, EventRules, decode_event, dlq_record
 from .inference import RecommendationBatch, Recommender
-from .longterm import LongTermStore, LongTermVector, redis_client
+from .longterm import LongTermStore, LongTermVector, history_entry, redis_client
 from .state import last_event_ts, recent_items, update_short_term
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class Runtime:
     rules: EventRules
     store: LongTermStore | None
     fusion_mode: str
+    fixed_alpha: float
+    weights: dict[str, float]
 
     @classmethod
     def load(cls, settings: Settings) -> "Runtime":
@@ -58,7 +60,10 @@ class Runtime:
         else:
             log.warning("no Redis configured (REDIS_URL): short-term recommendations only")
         mode = settings.fusion_mode or bundle.manifest.get("default_fusion_mode", "fixed")
-        return cls(settings, bundle, Recommender(bundle), rules, store, mode)
+        alpha = settings.fusion_alpha
+        alpha = float(bundle.manifest.get("fixed_alpha", 0.5)) if alpha is None else alpha
+        return cls(settings, bundle, Recommender(bundle), rules, store, mode, alpha,
+                   settings.weights())
 
 
 _runtime: Runtime | None = None
@@ -147,7 +152,8 @@ async def process_batch(events: Sequence) -> None:
     if rt.store is not None:
         started = time.perf_counter()
         long_vecs = await rt.store.sync_batch(
-            [(p.event.user_id, p.event.item_id) for p in pending if p.is_new], users)
+            [(p.event.user_id, history_entry(p.event.item_id, rt.weights[p.event.event_type]))
+             for p in pending if p.is_new], users)
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
@@ -157,7 +163,7 @@ async def process_batch(events: Sequence) -> None:
         [p.rows for p in pending],
         [long_vecs[u].vec if u in long_vecs else None for u in (p.event.user_id for p in pending)],
         [p.dt_s for p in pending], [p.rows for p in pending],
-        rt.fusion_mode, rt.settings.fusion_alpha, rt.settings.top_k)
+        rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
     emitted_ms = int(time.time() * 1000)
     for i, p in enumerate(pending):

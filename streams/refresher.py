@@ -34,10 +34,12 @@ class LongTermRefresher:
                 break
             try:
                 histories = read_histories(self.client, users)
-                rows = [[row_of[i] for i in h if i in row_of] for h in histories]
-                keep = [i for i, r in enumerate(rows) if r]
+                known = [[(row_of[i], w) for i, w in h if i in row_of] for h in histories]
+                keep = [i for i, h in enumerate(known) if h]
                 if keep:
-                    vectors = self.encoder.encode([rows[i] for i in keep], self.construction)
+                    vectors = self.encoder.encode(
+                        [[r for r, _ in known[i]] for i in keep], self.construction,
+                        event_weights=[[w for _, w in known[i]] for i in keep])
                     write_vectors(self.client, [users[i] for i in keep], vectors,
                                   self.bundle.version, int(time.time() * 1000))
                 total += len(keep)

@@ -1,0 +1,106 @@
+"""Long-term vectors in the real Redis: the store, the refresher, and Redis going away."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from conftest import unique_settings
+from helpers import collect, make_events, send
+from streams.bundle import load_bundle
+from streams.kafka_clients import ensure_topics
+from streams.local import LocalRedis
+from streams.longterm import (forget_user, hist_key, read_histories, read_vector, redis_client,
+                              take_dirty, write_vectors)
+from streams.refresher import LongTermRefresher
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def redis_sync(stack):
+    client = redis_client(stack["redis"], None, timeout=5.0, asyncio_client=False)
+    yield client
+    client.close()
+
+
+def test_vectors_are_versioned_and_written_whole(redis_sync):
+    vec = np.arange(8, dtype=np.float32)
+    for expected_version in (1, 2):
+        write_vectors(redis_sync, ["lt-user"], vec[None, :] * expected_version, "m1", 1000)
+        got = read_vector(redis_sync, "lt-user", "m1", 8)
+        assert got.version == expected_version and np.allclose(got.vec, vec * expected_version)
+    assert read_vector(redis_sync, "lt-user", "another-model", 8) is None
+    assert forget_user(redis_sync, "lt-user") == 1
+    assert read_vector(redis_sync, "lt-user", "m1", 8) is None
+
+
+def test_refresher_advances_version_and_recommendations_change(stack, quick_bundle, workers,
+                                                               redis_sync):
+    settings = unique_settings(stack, quick_bundle, fusion_mode="fixed", fusion_alpha=0.5)
+    ensure_topics(settings, stack["kafka"])
+    workers(settings)
+    bundle = load_bundle(quick_bundle)
+    user = f"refresh-{settings.app_id}"
+    events = [e.__class__(e.event_id, user, e.item_id, e.event_type, e.ts)
+              for e in make_events(6, items=bundle.items.item_ids[:6])]
+    send(settings, events)
+    first = collect(settings, settings.topic_recommendations, 6)
+    assert all(r["long_term"] is None and r["alpha"] == 1.0 for r in first)
+    assert read_histories(redis_sync, [user]) == [[(e.item_id, 1.0) for e in events]]
+
+    refresher = LongTermRefresher(redis_sync, bundle)
+    assert refresher.refresh_once() >= 1
+    assert read_vector(redis_sync, user, bundle.version, bundle.dims["d_model"]).version == 1
+    assert user not in take_dirty(redis_sync, 10_000)
+
+    send(settings, [events[-1]])  # redelivered: same short-term state, now with h_l
+    again = collect(settings, settings.topic_recommendations, 7)
+    last = [r for r in again if r["event_id"] == events[-1].event_id]
+    before, after = last[0], last[-1]
+    assert after["long_term"]["version"] == 1 and after["alpha"] == 0.5
+    assert after["long_term"]["age_s"] >= 0
+    assert after["interest"] != before["interest"]
+    assert [i["score"] for i in after["items"]] != [i["score"] for i in before["items"]]
+
+
+def test_redis_down_degrades_then_recovers(stack, quick_bundle, workers, tmp_path):
+    redis = LocalRedis(tmp_path / "redis")
+    url = redis.start()
+    settings = unique_settings(stack, quick_bundle, redis_url=url, redis_retry_s=0.5,
+                               fusion_mode="fixed", fusion_alpha=0.5)
+    ensure_topics(settings, stack["kafka"])
+    workers(settings)
+    bundle = load_bundle(quick_bundle)
+    client = redis_client(url, None, timeout=5.0, asyncio_client=False)
+    items = bundle.items.item_ids[:8]
+    try:
+        send(settings, make_events(10, items=items, prefix="up"))
+        assert len(collect(settings, settings.topic_recommendations, 10)) == 10
+        LongTermRefresher(client, bundle).refresh_once()
+
+        redis.stop()
+        down = make_events(10, items=items, prefix="down")
+        send(settings, down)
+        out = collect(settings, settings.topic_recommendations, 20)
+        degraded = [r for r in out if r["event_id"].startswith("down")]
+        assert len(degraded) == 10
+        assert all(r["degraded"] and r["long_term"] is None and r["alpha"] == 1.0 for r in degraded)
+
+        redis.start()  # same port, empty: the worker reconnects by itself
+        send(settings, make_events(5, items=items, prefix="back1"))
+        collect(settings, settings.topic_recommendations, 25)
+        deadline = time.monotonic() + 20
+        while not client.exists(hist_key("user0")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # the appends made while Redis was down were kept and written on reconnect
+        assert len(client.lrange(hist_key("user0"), 0, -1)) >= 3
+        LongTermRefresher(client, bundle).refresh_once()
+        send(settings, make_events(5, items=items, prefix="back2"))
+        out = collect(settings, settings.topic_recommendations, 30)
+        back = [r for r in out if r["event_id"].startswith("back2")]
+        assert back and all(not r["degraded"] and r["long_term"] is not None for r in back)
+    finally:
+        client.close()
+        redis.stop()

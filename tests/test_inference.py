@@ -1,0 +1,55 @@
+"""streams.inference over a real (quick) bundle: shapes, ranges, masking, cold start."""
+import numpy as np
+import pytest
+
+from streams.bundle import load_bundle
+from streams.inference import LongTermEncoder, Recommender, pad_left
+
+
+@pytest.fixture(scope="module")
+def bundle(quick_bundle):
+    return load_bundle(quick_bundle)
+
+
+def test_pad_left():
+    rows, mask = pad_left([[1, 2, 3], [4]], max_len=2)
+    assert rows.tolist() == [[2, 3], [0, 4]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "attention", "gate"])
+def test_recommend_shapes_ranges_and_masking(bundle, mode):
+    rec = Recommender(bundle)
+    lt = LongTermEncoder(bundle, with_text_encoder=False)
+    seqs = [[1, 2, 3], [5], list(range(1, 40))]
+    longs = [lt.encode([s])[0] for s in seqs[:2]] + [None]
+    out = rec.recommend(seqs, longs, [3.0, 0.0, 100.0], seqs, mode, 0.5, 10)
+    d = bundle.dims["d_model"]
+    assert out.fused.shape == (3, d) and out.rows.shape == (3, 10) and out.scores.shape == (3, 10)
+    assert np.all((out.alpha >= 0) & (out.alpha <= 1))
+    assert out.alpha[2] == 1.0  # no long-term vector: short-term only
+    for seq, rows in zip(seqs, out.rows):
+        assert not set(rows.tolist()) & set(seq) and 0 not in rows
+    assert np.all(np.diff(out.scores, axis=1) <= 1e-6)
+    if mode == "fixed":
+        assert np.allclose(out.alpha[:2], 0.5)
+
+
+def test_pooled_long_term_respects_event_weights(bundle):
+    lt = LongTermEncoder(bundle, with_text_encoder=False)
+    only_first = lt.pooled([[1]])
+    ignoring_second = lt.pooled([[1, 2]], event_weights=[[1.0, 0.0]])
+    assert np.allclose(only_first, ignoring_second, atol=1e-5)
+    assert not np.allclose(lt.pooled([[1, 2]]), only_first)
+
+
+def test_text_construction_runs_the_bert(bundle):
+    lt = LongTermEncoder(bundle)
+    vecs = lt.encode([[1, 2], [3]], "text")
+    assert vecs.shape == (2, bundle.dims["d_model"]) and np.isfinite(vecs).all()
+
+
+def test_cold_start_is_popularity_minus_seen(bundle):
+    rec = Recommender(bundle)
+    rows, scores = rec.popular([[int(np.argmax(rec.popularity))]], 5)
+    assert int(np.argmax(rec.popularity)) not in rows[0]
+    assert np.all(np.diff(scores[0]) <= 0)
