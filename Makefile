@@ -10,7 +10,7 @@ EVENTS ?= 0
 RATE   ?= 20
 PYTEST_ARGS ?=
 
-.PHONY: install infra demo test models evaluate bench clean
+.PHONY: install infra browser demo test models evaluate bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ infra: install
 demo: infra
 	$(PY) -m streams demo --events $(EVENTS) --rate $(RATE)
 
-test: infra
+# Debian's Chromium, for the dashboard's browser test
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: infra browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 models: install

@@ -93,6 +93,77 @@ def cmd_refresher(settings: Settings, args) -> int:
     return 0
 
 
+def _bootstrap(settings: Settings) -> str:
+    from .app import resolve_kafka
+
+    return resolve_kafka(settings)
+
+
+def cmd_replay(settings: Settings, args) -> int:
+    """Publish a recorded stream (u.data, CSV or JSONL) to the events topic."""
+    from tqdm import tqdm
+
+    from .kafka_clients import ensure_topics, producer
+    from .replay import Pacer, parse_time, read_recorded, replay
+
+    bootstrap = _bootstrap(settings)
+    ensure_topics(settings, bootstrap)
+    prod = producer(settings, bootstrap)
+    events = list(read_recorded(args.file, args.limit, parse_time(args.start), parse_time(args.end)))
+    prefix = args.user_prefix
+
+    def send(event):
+        user = f"{prefix}{event.user_id}" if prefix else event.user_id
+        if prefix:
+            event = event.__class__(event.event_id, user, event.item_id, event.event_type, event.ts)
+        while True:
+            try:
+                prod.produce(settings.topic_events, key=user.encode(), value=event.to_json())
+                break
+            except BufferError:  # local queue full: let it drain
+                prod.poll(0.05)
+        prod.poll(0)
+
+    pacer = Pacer(speed=None if args.max else args.speed, rate=None if args.max else args.rate)
+    with tqdm(total=len(events), unit="ev", desc="replay", disable=args.quiet) as bar:
+        summary = replay(events, send, pacer, restamp=not args.keep_ts, progress=bar)
+    summary["undelivered"] = prod.flush(30)
+    print(json.dumps(summary))
+    return 0 if summary["errors"] == 0 and summary["undelivered"] == 0 else 1
+
+
+def cmd_record(settings: Settings, args) -> int:
+    """Write a topic to JSONL."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .kafka_clients import consumer
+    from .record import group_id, record
+
+    reset = "earliest" if args.from_beginning else "latest"
+    cons = consumer(settings, _bootstrap(settings), group_id(), **{"auto.offset.reset": reset})
+    with tqdm(unit="rec", desc=f"record {args.topic}", disable=args.quiet) as bar:
+        n = record(cons, args.topic, Path(args.out), args.limit, args.idle_timeout, progress=bar)
+    print(json.dumps({"topic": args.topic, "written": n, "out": args.out}))
+    return 0
+
+
+def cmd_dashboard(settings: Settings, args) -> int:
+    from .dashboard import run
+
+    run(settings, _bootstrap(settings))
+    return 0
+
+
+def cmd_evaluate_stream(settings: Settings, args) -> int:
+    from .evaluate_stream import evaluate_stream
+
+    result = evaluate_stream(settings, args.data, test_share=args.test_share, limit=args.limit)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_demo(settings: Settings, args) -> int:
     from .demo import run_demo
 
@@ -105,6 +176,11 @@ COMMANDS = {
     "up": (cmd_up, "start the local Kafka broker and Redis and keep them running"),
     "worker": (cmd_worker, "run the stream worker (Faust agent)"),
     "refresher": (cmd_refresher, "recompute long-term vectors of users marked dirty, periodically"),
+    "replay": (cmd_replay, "publish a recorded stream (u.data, CSV, JSONL) to the events topic"),
+    "record": (cmd_record, "write a topic to a JSONL file"),
+    "dashboard": (cmd_dashboard, "serve the live dashboard over recommendations and events.dlq"),
+    "evaluate-stream": (cmd_evaluate_stream,
+                        "replay ml-100k through the running system: online vs offline metrics"),
     "demo": (cmd_demo, "everything end to end: broker, Redis, models, worker, refresher, events"),
 }
 
@@ -126,7 +202,36 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["demo"].add_argument("--rate", type=float, default=20.0, help="events per second")
     parsers["demo"].add_argument("--quick", action="store_true",
                                  help="build a quick bundle if none exists (seconds, not minutes)")
+    rp = parsers["replay"]
+    rp.add_argument("file")
+    pace = rp.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, help="X times real time (gaps over 5 s compressed)")
+    pace.add_argument("--rate", type=float, help="events per second")
+    pace.add_argument("--max", action="store_true", help="as fast as possible (default)")
+    rp.add_argument("--limit", type=int)
+    rp.add_argument("--start", help="first event time (epoch s/ms or ISO date)")
+    rp.add_argument("--end", help="stop before this time (epoch s/ms or ISO date)")
+    rp.add_argument("--keep-ts", action="store_true",
+                    help="keep the recorded ts (default: stamp each event with the send time)")
+    rp.add_argument("--user-prefix", default="", help="prefix user ids (e.g. to remap users)")
+    rp.add_argument("--quiet", action="store_true")
+    rc = parsers["record"]
+    rc.add_argument("topic")
+    rc.add_argument("--out", required=True)
+    rc.add_argument("--from-beginning", action="store_true")
+    rc.add_argument("--limit", type=int)
+    rc.add_argument("--idle-timeout", type=float, default=5.0, help="stop after S seconds without records")
+    rc.add_argument("--quiet", action="store_true")
+    es = parsers["evaluate-stream"]
+    es.add_argument("--data", default=str(settings_default_data()), help="u.data or a log file")
+    es.add_argument("--test-share", type=float, default=0.1,
+                    help="the last share of events (by time) that is scored; the rest warms up")
+    es.add_argument("--limit", type=int, help="replay only the first N events")
     return parser
+
+
+def settings_default_data():
+    return Settings().data_dir / "u.data"
 
 
 def main(argv=None) -> int:

@@ -108,7 +108,10 @@ def run_demo(settings: Settings, events: int = 0, rate: float = 20.0, quick: boo
                    LONG_TERM_REFRESH_S=str(min(settings.long_term_refresh_s, 5.0)))
         children.start("worker", ["worker"], env)
         children.start("refresher", ["refresher"], env)
-        print(f"worker and refresher started (logs in {children.log_dir})", flush=True)
+        port = settings.dashboard_port if _port_free(settings.dashboard_port) else free_port()
+        children.start("dashboard", ["dashboard"], dict(env, DASHBOARD_PORT=str(port)))
+        print(f"worker, refresher and dashboard started (logs in {children.log_dir})")
+        print(f"dashboard: http://{settings.dashboard_host}:{port}/", flush=True)
         return _feed_and_show(settings, kafka, bundle, events, rate, children)
     finally:
         children.stop()
@@ -160,6 +163,13 @@ def _feed_and_show(settings, kafka, bundle, n_events, rate, children) -> int:
     print(f"published {received} recommendations for {sent} events in {elapsed:.1f}s "
           f"({received / max(elapsed, 1e-9):.1f}/s)")
     return 0
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _show(rec: dict, n: int) -> None:

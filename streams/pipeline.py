@@ -114,6 +114,7 @@ def render_output(p: Pending, batch: RecommendationBatch, i: int, rt: Runtime,
     return orjson.dumps({
         "event_id": p.event.event_id,
         "user_id": p.event.user_id,
+        "item_id": p.event.item_id,  # the event's item: what this recommendation follows
         "items": [{"item_id": items.item_at(int(r)), "score": round(float(s), 4),
                    "title": items.title_at(int(r))}
                   for r, s in zip(batch.rows[i], batch.scores[i])],
