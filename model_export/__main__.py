@@ -54,6 +54,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_bench_inference(args) -> int:
+    import json
+
+    from .bench_inference import bench_inference
+
+    print(json.dumps(bench_inference(args.bundle)))
+    return 0
+
+
 def main(argv=None) -> int:
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "10")  # progress bars in logs: a line per 10 s
@@ -82,6 +91,9 @@ def main(argv=None) -> int:
     e.add_argument("--alpha", type=float, help="short-term weight of fused_fixed")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
+    bi = sub.add_parser("bench-inference", help="GPT per event: onnxruntime vs torch")
+    bi.add_argument("--bundle", default=str(settings.bundle_dir))
+    bi.set_defaults(func=cmd_bench_inference)
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:

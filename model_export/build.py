@@ -85,6 +85,9 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     np.savez(out / FILES["projection"], W=proj.linear.weight.detach().numpy().T.copy(),
              b=proj.linear.bias.detach().numpy())
     shutil.copy(bert.minilm_dir() / "tokenizer.json", out / FILES["tokenizer"])
+    # the torch weights with their config (nanoGPT style): for benchmarks and fine-tuning;
+    # not part of the runtime contract, which reads only the ONNX graphs
+    torch.save({"config": cfg.to_dict(), "state_dict": gpt.state_dict()}, out / "gpt.pt")
     (out / FILES["items"]).write_text(json.dumps(records))
     data_hash = dataset.content_hash()
     manifest = {

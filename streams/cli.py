@@ -164,6 +164,23 @@ def cmd_evaluate_stream(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_passthrough(settings: Settings, args) -> int:
+    from . import passthrough
+    from .kafka_clients import ensure_topics
+
+    ensure_topics(settings, _bootstrap(settings))
+    sys.argv = ["streams", "worker", "--loglevel", settings.log_level.lower(),
+                "--web-port", str(settings.web_port), "--web-bind", settings.web_host]
+    passthrough.app.main()
+    return 0
+
+
+def cmd_bench(settings: Settings, args) -> int:
+    from .bench import run_bench
+
+    return run_bench(settings, args)
+
+
 def cmd_demo(settings: Settings, args) -> int:
     from .demo import run_demo
 
@@ -181,6 +198,8 @@ COMMANDS = {
     "dashboard": (cmd_dashboard, "serve the live dashboard over recommendations and events.dlq"),
     "evaluate-stream": (cmd_evaluate_stream,
                         "replay ml-100k through the running system: online vs offline metrics"),
+    "passthrough": (cmd_passthrough, "benchmark baseline: decode, encode, send (no model, no Redis)"),
+    "bench": (cmd_bench, "benchmarks: throughput vs passthrough, latency, inference, resources"),
     "demo": (cmd_demo, "everything end to end: broker, Redis, models, worker, refresher, events"),
 }
 
@@ -222,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--limit", type=int)
     rc.add_argument("--idle-timeout", type=float, default=5.0, help="stop after S seconds without records")
     rc.add_argument("--quiet", action="store_true")
+    bp = parsers["bench"]
+    bp.add_argument("--json", default="artifacts/bench.json")
+    bp.add_argument("--events", type=int, default=100_000, help="events of the throughput runs")
+    bp.add_argument("--rates", default="500,1000,2000", help="latency runs, events/s")
+    bp.add_argument("--duration", type=float, default=60.0, help="seconds per latency run")
+    bp.add_argument("--users", type=int, default=100_000, help="users of the state-size run (0: skip)")
+    bp.add_argument("--skip", default="", help="comma list of phases to skip: "
+                    "throughput,latency,inference,state")
     es = parsers["evaluate-stream"]
     es.add_argument("--data", default=str(settings_default_data()), help="u.data or a log file")
     es.add_argument("--test-share", type=float, default=0.1,

@@ -191,3 +191,19 @@ async def health_page(web_view, request):
     rt = _runtime
     return web_view.json({"ok": rt is not None, "redis_up": bool(rt and rt.store and rt.store.up),
                           "model_version": rt.bundle.version if rt else None})
+
+
+@app.timer(5.0)
+async def sample_consumer_lag():
+    """events not yet fetched by this worker, summed over its partitions (a Prometheus gauge)."""
+    consumer, total = app.consumer, 0
+    for tp in consumer.assignment():
+        if tp.topic != settings.topic_events:
+            continue
+        try:
+            highwater, position = consumer.highwater(tp), await consumer.position(tp)
+        except Exception:  # partition revoked mid-sample
+            continue
+        if highwater is not None and position is not None:
+            total += max(0, highwater - position)
+    metrics.CONSUMER_LAG.set(total)

@@ -1,0 +1,327 @@
+"""`python -m streams bench`: the benchmark harness (never a timed test).
+
+Starts its own local broker and Redis (unless KAFKA_BOOTSTRAP_SERVERS/REDIS_URL are set) and
+measures, on fresh topics each time:
+  throughput   N pre-loaded events through the pipeline worker and through a passthrough
+               Faust agent (same run, same broker), plus raw confluent-kafka consume->produce;
+               events/s from the first output to the last (emitted_ts of the outputs)
+  latency      fixed input rates, event ts -> recommendation arrival at a consumer
+  inference    GPT per event in onnxruntime vs torch at batch 1/32/256; long-term refreshes/s
+  state        worker RSS after USERS distinct users' state
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from .bundle import load_bundle
+from .config import Settings
+from .demo import Children, ensure_bundle
+from .errors import InfraError
+from .events import Event
+from .kafka_clients import consumer, ensure_topics, producer
+from .local import LocalStack, free_port
+from .replay import read_recorded
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> dict:
+    mem = next((l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), "")
+    return {"cpus": os.cpu_count(), "mem_gb": round(int(mem.split()[1]) / 2**20, 1) if mem else None,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def proc_usage(pid: int) -> dict:
+    """Peak RSS (MB) and CPU seconds of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {"rss_peak_mb": round(hwm / 1024, 1), "cpu_s": (int(fields[11]) + int(fields[12])) / TICK}
+
+
+def base_events(settings: Settings, bundle) -> list[Event]:
+    if (settings.data_dir / "u.data").is_file():
+        return list(read_recorded(settings.data_dir / "u.data"))
+    rng, items = random.Random(0), bundle.items.item_ids
+    return [Event(f"s{i}", f"u{rng.randrange(1000)}", rng.choice(items), "click", i) for i in range(100_000)]
+
+
+def stream_of(base: list[Event], n: int) -> list[Event]:
+    """n events from the base stream; each repetition gets its own users (realistic state)."""
+    out = []
+    for i in range(n):
+        rnd, e = divmod(i, len(base))
+        e = base[e]
+        out.append(Event(f"{e.event_id}-{rnd}", f"{e.user_id}-{rnd}" if rnd else e.user_id,
+                         e.item_id, e.event_type, e.ts))
+    return out
+
+
+class Bench:
+    def __init__(self, settings: Settings, kafka: str, redis: str, log_dir: Path):
+        self.settings, self.kafka, self.redis = settings, kafka, redis
+        self.children = Children(log_dir)
+
+    def fresh(self, **overrides) -> Settings:
+        tag = uuid.uuid4().hex[:6]
+        return dataclasses.replace(self.settings, topic_events=f"bench-ev-{tag}",
+                                   topic_recommendations=f"bench-out-{tag}", topic_dlq=f"bench-dlq-{tag}",
+                                   app_id=f"bench-{tag}", kafka_bootstrap_servers=self.kafka,
+                                   redis_url=self.redis, **overrides)
+
+    def env(self, s: Settings) -> dict:
+        return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.kafka, REDIS_URL=self.redis,
+                    BUNDLE_DIR=str(s.bundle_dir), WEB_PORT=str(free_port()), APP_ID=s.app_id,
+                    TOPIC_EVENTS=s.topic_events, TOPIC_RECOMMENDATIONS=s.topic_recommendations,
+                    TOPIC_DLQ=s.topic_dlq, PARTITIONS=str(s.partitions), LOG_LEVEL="WARNING",
+                    MAX_FUTURE_SKEW_S=str(10**9), STATE_DIR=str(s.state_dir / "bench"))
+
+    def preload(self, s: Settings, events: list[Event], restamp: bool = False) -> None:
+        ensure_topics(s, self.kafka)
+        prod = producer(s, self.kafka, **{"linger.ms": 20, "batch.num.messages": 10000})
+        now = int(time.time() * 1000)
+        for e in events:
+            value = e.to_json() if not restamp else dataclasses.replace(e, ts=now).to_json()
+            while True:
+                try:
+                    prod.produce(s.topic_events, key=e.user_id.encode(), value=value)
+                    break
+                except BufferError:
+                    prod.poll(0.05)
+        if prod.flush(120):
+            raise InfraError("preload: events left undelivered")
+
+    def drain(self, s: Settings, n: int, proc=None, timeout_s: float = 120.0) -> list[tuple]:
+        """Read n outputs; returns (emitted_ts, event_ts, arrival_ms) per record."""
+        cons = consumer(s, self.kafka, f"bench-read-{uuid.uuid4().hex[:6]}",
+                        **{"fetch.min.bytes": 1, "fetch.wait.max.ms": 10})
+        cons.subscribe([s.topic_recommendations])
+        seen, out, last = set(), [], time.monotonic()
+        try:
+            while len(seen) < n:
+                msgs = cons.consume(1000, 0.2)
+                arrival = int(time.time() * 1000)
+                for msg in msgs:
+                    if msg.error():
+                        continue
+                    rec = orjson.loads(msg.value())
+                    if rec["event_id"] not in seen:
+                        seen.add(rec["event_id"])
+                        out.append((rec["emitted_ts"], rec["event_ts"], arrival))
+                if msgs:
+                    last = time.monotonic()
+                elif time.monotonic() - last > timeout_s:
+                    raise InfraError(f"only {len(seen)}/{n} outputs; see {self.children.log_dir}")
+                if proc is not None:
+                    self.children.check()
+        finally:
+            cons.close()
+        return out
+
+    def agent_throughput(self, command: str, events: list[Event]) -> dict:
+        s = self.fresh()
+        self.preload(s, events)
+        proc = self.children.start(f"bench-{command}-{s.app_id}", [command], self.env(s))
+        try:
+            out = self.drain(s, len(events), proc)
+            usage = proc_usage(proc.pid)
+        finally:
+            self.children.stop()
+            self.children.procs.clear()
+        emitted = sorted(o[0] for o in out)
+        seconds = max((emitted[-1] - emitted[0]) / 1000.0, 1e-3)
+        return {"events": len(events), "seconds": round(seconds, 2),
+                "events_per_s": round((len(events) - 1) / seconds, 1),
+                "rss_mb": usage["rss_peak_mb"],
+                "cpu_s_per_1000": round(usage["cpu_s"] / len(events) * 1000, 3)}
+
+    def broker_ceiling(self, events: list[Event]) -> dict:
+        """Raw confluent-kafka consume -> produce, one process: what the broker allows here."""
+        s = self.fresh()
+        self.preload(s, events)
+        cons = consumer(s, self.kafka, f"ceiling-{uuid.uuid4().hex[:6]}")
+        prod = producer(s, self.kafka, **{"linger.ms": 5})
+        cons.subscribe([s.topic_events])
+        n, first = 0, None
+        while n < len(events):
+            msgs = cons.consume(1000, 1.0)
+            if msgs and first is None:
+                first = time.monotonic()
+            for msg in msgs:
+                if msg.error():
+                    continue
+                obj = orjson.loads(msg.value())
+                while True:
+                    try:
+                        prod.produce(s.topic_recommendations, key=msg.key(), value=orjson.dumps(
+                            {"event_id": obj["event_id"], "emitted_ts": int(time.time() * 1000)}))
+                        break
+                    except BufferError:
+                        prod.poll(0.01)
+                n += 1
+            prod.poll(0)
+        prod.flush(60)
+        seconds = time.monotonic() - first
+        cons.close()
+        return {"events": n, "seconds": round(seconds, 2), "events_per_s": round(n / seconds, 1)}
+
+    def latency(self, events: list[Event], rates: list[int], duration_s: float) -> dict:
+        s = self.fresh()
+        ensure_topics(s, self.kafka)
+        proc = self.children.start(f"bench-latency-{s.app_id}", ["worker"], self.env(s))
+        results = {}
+        try:
+            self._warm_up(s, events[:200], proc)
+            offset = 200
+            for rate in rates:
+                n = int(rate * duration_s)
+                batch = events[offset:offset + n]
+                offset += n
+                sender = threading.Thread(target=self._paced_send, args=(s, batch, rate), daemon=True)
+                sender.start()
+                out = self.drain(s, len(batch), proc)
+                sender.join()
+                lat = np.array([arrival - event_ts for _, event_ts, arrival in out], dtype=np.float64)
+                results[str(rate)] = {"events": len(batch), **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1)
+                                                              for q in (50, 95, 99)},
+                                      "max_ms": float(lat.max())}
+            results["rss_mb"] = proc_usage(proc.pid)["rss_peak_mb"]
+        finally:
+            self.children.stop()
+            self.children.procs.clear()
+        return results
+
+    def _warm_up(self, s, events, proc) -> None:
+        self._paced_send(s, events, 200)
+        self.drain(s, len(events), proc)
+
+    def _paced_send(self, s: Settings, events: list[Event], rate: float) -> None:
+        prod = producer(s, self.kafka, **{"linger.ms": 0})
+        start = time.monotonic()
+        for i, e in enumerate(events):
+            wait = start + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            prod.produce(s.topic_events, key=e.user_id.encode(),
+                         value=dataclasses.replace(e, ts=int(time.time() * 1000)).to_json())
+            prod.poll(0)
+        prod.flush(30)
+
+    def state_size(self, base: list[Event], users: int) -> dict:
+        """Worker RSS once `users` distinct users have short-term state (5 events each)."""
+        events = [Event(f"st-{u}-{j}", f"st{u}", base[(u * 5 + j) % len(base)].item_id, "click", j)
+                  for u in range(users) for j in range(5)]
+        result = self.agent_throughput("worker", events)
+        return {"users": users, "events": len(events), "rss_mb": result["rss_mb"],
+                "events_per_s": result["events_per_s"]}
+
+
+def inference_bench(settings: Settings) -> dict:
+    """GPT onnxruntime vs torch (model_export, run apart: streams never imports torch)."""
+    cmd = [sys.executable, "-m", "model_export", "bench-inference", "--bundle", str(settings.bundle_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr[-500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def refresh_bench(settings: Settings, redis_url: str, bundle, base: list[Event], users: int = 2000) -> dict:
+    from .longterm import DIRTY, hist_key, redis_client
+    from .refresher import LongTermRefresher
+
+    client = redis_client(redis_url, settings.redis_password, 10.0, asyncio_client=False)
+    pipe = client.pipeline(transaction=False)
+    for u in range(users):
+        pipe.delete(hist_key(f"rb{u}"))
+        pipe.rpush(hist_key(f"rb{u}"), *[base[(u * 37 + j) % len(base)].item_id for j in range(100)])
+        pipe.sadd(DIRTY, f"rb{u}")
+    pipe.execute()
+    started = time.perf_counter()
+    n = LongTermRefresher(client, bundle).refresh_once()
+    seconds = time.perf_counter() - started
+    client.close()
+    return {"users": n, "history_len": 100, "refreshes_per_s": round(n / seconds, 1)}
+
+
+def run_bench(settings: Settings, args) -> int:
+    ensure_bundle(settings, quick=False)
+    bundle = load_bundle(settings.bundle_dir)
+    skip = set(filter(None, args.skip.split(",")))
+    stack = LocalStack(settings.state_dir / f"bench-{uuid.uuid4().hex[:6]}")
+    result = {"machine": machine(), "bundle": bundle.version,
+              "settings": {"batch_size": settings.batch_size, "batch_within_s": settings.batch_within_s,
+                           "partitions": settings.partitions}}
+    try:
+        endpoints = stack.start(with_kafka=not settings.kafka_bootstrap_servers,
+                                with_redis=not settings.redis_url)
+        bench = Bench(settings, settings.kafka_bootstrap_servers or endpoints["kafka"],
+                      settings.redis_url or endpoints["redis"], settings.state_dir / "logs")
+        base = base_events(settings, bundle)
+        events = stream_of(base, args.events)
+        if "throughput" not in skip:
+            print(f"throughput: {len(events)} events each through passthrough, pipeline, raw", flush=True)
+            result["passthrough"] = bench.agent_throughput("passthrough", events)
+            result["pipeline"] = bench.agent_throughput("worker", events)
+            result["ratio"] = round(result["pipeline"]["events_per_s"] /
+                                    result["passthrough"]["events_per_s"], 3)
+            result["broker_ceiling"] = bench.broker_ceiling(events)
+            result["rss_mb"] = result["pipeline"]["rss_mb"]
+        if "latency" not in skip:
+            rates = [int(r) for r in args.rates.split(",")]
+            print(f"latency: {rates} events/s, {args.duration:.0f} s each", flush=True)
+            result["latency"] = bench.latency(stream_of(base, sum(rates) * int(args.duration) + 200),
+                                              rates, args.duration)
+            if "pipeline" in result:
+                lat = result["latency"].get("1000") or next(iter(result["latency"].values()))
+                result["pipeline"].update(p50_ms=lat["p50_ms"], p99_ms=lat["p99_ms"])
+        if "inference" not in skip:
+            print("inference: onnxruntime vs torch; long-term refresh", flush=True)
+            result["inference"] = inference_bench(settings)
+            result["inference"]["refresh"] = refresh_bench(settings, bench.redis, bundle, base)
+        if "state" not in skip and args.users:
+            print(f"state: {args.users} users", flush=True)
+            result["state"] = bench.state_size(base, args.users)
+    finally:
+        stack.stop()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print_table(result)
+    print(f"written to {args.json}")
+    return 0
+
+
+def print_table(r: dict) -> None:
+    rows = []
+    if "pipeline" in r:
+        rows += [("pipeline events/s", r["pipeline"]["events_per_s"]),
+                 ("passthrough events/s", r["passthrough"]["events_per_s"]),
+                 ("ratio pipeline/passthrough", r["ratio"]),
+                 ("broker ceiling events/s", r["broker_ceiling"]["events_per_s"]),
+                 ("pipeline CPU s / 1000 events", r["pipeline"]["cpu_s_per_1000"]),
+                 ("pipeline peak RSS MB", r["pipeline"]["rss_mb"])]
+    for rate, lat in r.get("latency", {}).items():
+        if isinstance(lat, dict):
+            rows.append((f"latency @{rate}/s p50/p95/p99/max ms",
+                         f"{lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']}/{lat['max_ms']:.0f}"))
+    for key, value in r.get("inference", {}).items():
+        if isinstance(value, dict):
+            rows.append((f"inference {key}", ", ".join(f"{k}={v}" for k, v in value.items())))
+    if "state" in r:
+        rows.append((f"RSS with {r['state']['users']} users MB", r["state"]["rss_mb"]))
+    width = max(len(k) for k, _ in rows) if rows else 10
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
