@@ -181,6 +181,27 @@ def cmd_bench(settings: Settings, args) -> int:
     return run_bench(settings, args)
 
 
+def cmd_forget(settings: Settings, args) -> int:
+    """Erase a user: a control record through the user's partition (state tombstone + Redis)."""
+    from .app import resolve_redis
+    from .events import forget_record
+    from .kafka_clients import producer
+    from .longterm import forget_user, redis_client
+
+    prod = producer(settings, _bootstrap(settings))
+    prod.produce(settings.topic_events, key=args.user_id.encode(), value=forget_record(args.user_id))
+    undelivered = prod.flush(30)
+    deleted = None
+    url = resolve_redis(settings)
+    if url:  # also at once, in case no worker is running now
+        client = redis_client(url, settings.redis_password, 5.0, asyncio_client=False)
+        deleted = forget_user(client, args.user_id)
+        client.close()
+    print(json.dumps({"user_id": args.user_id, "control_sent": undelivered == 0,
+                      "redis_keys_deleted": deleted}))
+    return 0 if undelivered == 0 else 1
+
+
 def cmd_demo(settings: Settings, args) -> int:
     from .demo import run_demo
 
@@ -200,6 +221,7 @@ COMMANDS = {
                         "replay ml-100k through the running system: online vs offline metrics"),
     "passthrough": (cmd_passthrough, "benchmark baseline: decode, encode, send (no model, no Redis)"),
     "bench": (cmd_bench, "benchmarks: throughput vs passthrough, latency, inference, resources"),
+    "forget": (cmd_forget, "erase a user's short-term state, long history and long-term vector"),
     "demo": (cmd_demo, "everything end to end: broker, Redis, models, worker, refresher, events"),
 }
 
@@ -241,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--limit", type=int)
     rc.add_argument("--idle-timeout", type=float, default=5.0, help="stop after S seconds without records")
     rc.add_argument("--quiet", action="store_true")
+    parsers["forget"].add_argument("user_id")
     bp = parsers["bench"]
     bp.add_argument("--json", default="artifacts/bench.json")
     bp.add_argument("--events", type=int, default=100_000, help="events of the throughput runs")

@@ -132,3 +132,24 @@ def dlq_record(
             "ts": ts_ms,
         }
     )
+
+
+def parse_control(raw: bytes | None) -> str | None:
+    """A privacy control record on the events topic: {"control": "forget", "user_id": U} -> U.
+
+    It travels in the user's partition, so it is applied after the user's earlier events and
+    before their later ones.
+    """
+    if not raw or len(raw) > 1024 or b'"control"' not in raw:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(obj, dict) and obj.get("control") == "forget":
+        return _as_id(obj.get("user_id"))
+    return None
+
+
+def forget_record(user_id: str) -> bytes:
+    return orjson.dumps({"control": "forget", "user_id": user_id})

@@ -80,6 +80,7 @@ class LongTermStore:
         self.pending: deque[tuple[str, str]] = deque(maxlen=PENDING_CAP)
         self.down_until = 0.0
         self.up = True
+        self.pending_forgets: set[str] = set()  # erasures to redo when Redis is back
 
     async def sync_batch(self, appends: Iterable[tuple[str, str]], users: Sequence[str]
                          ) -> dict[str, LongTermVector] | None:
@@ -91,7 +92,11 @@ class LongTermStore:
         if time.monotonic() < self.down_until:
             return None
         batch_appends = list(self.pending)
+        forgets = list(self.pending_forgets)
         pipe = self.client.pipeline(transaction=False)
+        for user in forgets:
+            pipe.delete(hist_key(user), vec_key(user))
+            pipe.srem(DIRTY, user)
         for user in users:
             pipe.hmget(vec_key(user), "vec", "version", "ts", "model")
         dirty = set()
@@ -109,11 +114,25 @@ class LongTermStore:
             return None
         for _ in batch_appends:
             self.pending.popleft()
+        self.pending_forgets.difference_update(forgets)
+        replies = replies[2 * len(forgets):]
         if not self.up:
             log.info("Redis is back; long-term vectors restored")
         self.up = True
         return {user: v for user, fields in zip(users, replies[:len(users)])
                 if (v := parse_vector(fields, self.model, self.d_model)) is not None}
+
+    async def forget(self, user: str) -> None:
+        """Erase the user's history, vector and dirty mark (and appends still pending)."""
+        self.pending = deque(((u, i) for u, i in self.pending if u != user), maxlen=PENDING_CAP)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(hist_key(user), vec_key(user))
+        pipe.srem(DIRTY, user)
+        try:
+            await asyncio.wait_for(pipe.execute(), self.timeout_s * 4)
+        except Exception as exc:
+            self._mark_down(exc)
+            self.pending_forgets.add(user)
 
     def _mark_down(self, exc: Exception) -> None:
         if self.up:

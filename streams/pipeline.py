@@ -23,7 +23,7 @@ from .app import app, dlq_topic, events_topic, recommendations_topic, resolve_re
 from .app import short_term_table
 from .bundle import Bundle, load_bundle
 from .config import Settings
-from .events import Event, EventRules, decode_event, dlq_record
+from .events import Event, EventRules, decode_event, dlq_record, parse_control
 from .inference import RecommendationBatch, Recommender
 from .longterm import LongTermStore, LongTermVector, history_entry, redis_client
 from .state import last_event_ts, recent_items, update_short_term
@@ -131,6 +131,34 @@ def render_output(p: Pending, batch: RecommendationBatch, i: int, rt: Runtime,
 
 
 async def process_batch(events: Sequence) -> None:
+    """Process a micro-batch; privacy controls split it so that order per user is kept."""
+    segment = []
+    for fe in events:
+        user = parse_control(fe.value)
+        if user is None:
+            segment.append(fe)
+            continue
+        await process_segment(segment)
+        segment = []
+        await forget_user_state(fe, user)
+    await process_segment(segment)
+
+
+async def forget_user_state(faust_event, user: str) -> None:
+    """Tombstone the user's short-term state and erase what Redis holds about them."""
+    _current_event.set(weakref.ref(faust_event))
+    if short_term_table.get(user) is not None:
+        del short_term_table[user]  # writes a tombstone to the changelog
+    rt = runtime()
+    if rt.store is not None:
+        await rt.store.forget(user)
+    metrics.FORGOTTEN.inc()
+    log.info("forgot a user (state tombstoned, long-term data erased)")
+
+
+async def process_segment(events: Sequence) -> None:
+    if not events:
+        return
     rt = runtime()
     now_ms = int(time.time() * 1000)
     metrics.EVENTS_IN.inc(len(events))
