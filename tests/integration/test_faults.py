@@ -1,0 +1,109 @@
+"""Fault injection during a steady replay: SIGKILL the worker again and again, restart Redis,
+stop and restart the broker. Afterwards nothing is lost, no state counts an event twice, and
+the DLQ holds exactly the invalid inputs. Run alone with `pytest -m faults -s`."""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import Counter
+
+import orjson
+import pytest
+
+from conftest import WorkerProcess, unique_settings
+from helpers import make_events
+from streams.bundle import load_bundle
+from streams.kafka_clients import consumer, ensure_topics, producer
+from streams.local import LocalKafka, LocalRedis
+from test_recovery import assert_state_counts_each_event_once, final_states
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+KILLS = int(os.environ.get("FAULT_KILLS", "10"))
+
+
+def read_all(settings, topic: str, idle_s: float = 4.0) -> list:
+    cons = consumer(settings, settings.kafka_bootstrap_servers, f"faults-{time.time_ns()}")
+    cons.subscribe([topic])
+    out, last = [], time.monotonic()
+    while time.monotonic() - last < idle_s:
+        msg = cons.poll(0.2)
+        if msg is not None and not msg.error():
+            out.append(orjson.loads(msg.value()))
+            last = time.monotonic()
+    cons.close()
+    return out
+
+
+def feed(settings, records, rate, delivered):
+    """Produce (key, value) pairs at `rate`; record each one's (partition, offset) when acked."""
+    prod = producer(settings, settings.kafka_bootstrap_servers, **{"message.timeout.ms": 120000})
+    start = time.monotonic()
+    for i, (key, value, valid) in enumerate(records):
+        wait = start + i / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        prod.produce(settings.topic_events, key=key, value=value,
+                     on_delivery=lambda err, msg, valid=valid: delivered.append(
+                         (err, valid, msg.partition(), msg.offset())))
+        prod.poll(0)
+    assert prod.flush(180) == 0
+
+
+@pytest.mark.timeout(600)
+def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path):
+    kafka, redis = LocalKafka(tmp_path / "kafka"), LocalRedis(tmp_path / "redis")
+    kafka.start()
+    redis.start()
+    settings = unique_settings({"kafka": kafka.bootstrap, "redis": redis.url}, quick_bundle,
+                               partitions=4, redis_retry_s=0.5)
+    ensure_topics(settings, kafka.bootstrap)
+    rng = random.Random(7)
+    items = load_bundle(quick_bundle).items.item_ids[:40]
+    good = make_events(2400, users=25, items=items)
+    bad = [b"{oops", b'{"event_id":"x","user_id":"u","item_id":"nope","event_type":"click","ts":1}']
+    records = [(e.user_id.encode(), e.to_json(), True) for e in good]
+    for i in range(40):
+        records.insert(rng.randrange(len(records)), (b"bad", bad[i % 2], False))
+    delivered: list = []
+    feeder = threading.Thread(target=feed, args=(settings, records, 40.0, delivered), daemon=True)
+    worker = WorkerProcess(settings, tmp_path, "w0").start()
+    worker.wait_ready()
+    feeder.start()
+    restarts = crashes = 0
+    try:
+        for n in range(KILLS):
+            time.sleep(rng.uniform(1.0, 4.0))
+            if worker.proc.poll() is not None:
+                crashes += 1
+            worker.kill()
+            worker = WorkerProcess(settings, tmp_path, f"w{n + 1}").start()
+            restarts += 1
+            if n == KILLS // 3:
+                redis.restart()  # same port, empty: the worker reconnects by itself
+            if n == 2 * KILLS // 3:
+                kafka.restart()  # same ports and data
+        feeder.join(300)
+        worker.wait_ready()
+        assert not feeder.is_alive()
+        expected = len(good)
+        out = read_all(settings, settings.topic_recommendations)
+        deadline = time.monotonic() + 90
+        while len({r["event_id"] for r in out}) < expected and time.monotonic() < deadline:
+            out = read_all(settings, settings.topic_recommendations)
+        got = Counter(r["event_id"] for r in out)
+        lost = {e.event_id for e in good} - set(got)
+        dlq = read_all(settings, settings.topic_dlq)
+        dlq_sources = Counter((d["partition"], d["offset"]) for d in dlq)
+        bad_sources = {(p, o) for err, valid, p, o in delivered if not valid and err is None}
+        print(f"\nfaults: kills={KILLS} worker_crashes={crashes} in={len(good)} valid + {len(bad_sources)} "
+              f"invalid; out={len(out)} duplicated={sum(n - 1 for n in got.values())} lost={len(lost)}; "
+              f"dlq={len(dlq)} (duplicated {sum(n - 1 for n in dlq_sources.values())})")
+        assert not lost, f"{len(lost)} valid events without a recommendation"
+        assert set(dlq_sources) == bad_sources  # exactly the invalid inputs
+        assert_state_counts_each_event_once(final_states(settings, 25), good)
+    finally:
+        worker.stop()
+        redis.stop()
+        kafka.stop()
