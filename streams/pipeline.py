@@ -80,6 +80,7 @@ def runtime() -> Runtime:
 class Pending:
     """A valid event after its state update, waiting for inference."""
 
+    faust_event: object  # the Kafka record it came from (its partition routes state and sends)
     event: Event
     rows: list[int]  # the user's recent item rows, oldest first
     dt_s: float  # seconds since the user's previous event
@@ -104,7 +105,7 @@ def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]
             metrics.DUPLICATES.inc()
         rows = [row_of[i] for i in recent_items(new_state) if i in row_of]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
-        out.append(Pending(event, rows, max(dt, 0.0), is_new))
+        out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new))
     return out
 
 
@@ -171,6 +172,7 @@ async def process_segment(events: Sequence) -> None:
             continue
         msg = fe.message
         metrics.EVENTS_DLQ.labels(result.reason).inc()
+        _current_event.set(weakref.ref(fe))  # exactly-once: send in this partition's transaction
         await dlq_topic.send(key=msg.key, value=dlq_record(
             result, fe.value, msg.topic, msg.partition, msg.offset, now_ms))
     if not valid:
@@ -197,6 +199,7 @@ async def process_segment(events: Sequence) -> None:
     emitted_ms = int(time.time() * 1000)
     for i, p in enumerate(pending):
         value = render_output(p, batch, i, rt, long_vecs.get(p.event.user_id), degraded, emitted_ms)
+        _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
         await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
     metrics.EVENTS_OUT.inc(len(pending))
     if degraded:

@@ -52,12 +52,25 @@ def feed(settings, records, rate, delivered):
 
 
 @pytest.mark.timeout(600)
-def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path):
+EOS_REASON = (
+    "Faust's exactly_once on Apache Kafka 3.9: outputs stay unique only per transaction, and "
+    "Faust commits its transactions on a timer that is not aligned with the agent's "
+    "micro-batches, so a commit can carry part of a batch's outputs with the previous offsets; "
+    "after a SIGKILL the batch is replayed (19 duplicates of 2400 seen). Committing per batch "
+    "from the agent instead made the restarted worker fail recovery with ConsistencyError "
+    "(changelog offset above the partition's end, read_committed). Nothing is lost either way.")
+
+
+@pytest.mark.parametrize("guarantee", [
+    "at_least_once",
+    pytest.param("exactly_once", marks=pytest.mark.xfail(reason=EOS_REASON, strict=False)),
+])
+def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
     kafka, redis = LocalKafka(tmp_path / "kafka"), LocalRedis(tmp_path / "redis")
     kafka.start()
     redis.start()
     settings = unique_settings({"kafka": kafka.bootstrap, "redis": redis.url}, quick_bundle,
-                               partitions=4, redis_retry_s=0.5)
+                               partitions=4, redis_retry_s=0.5, processing_guarantee=guarantee)
     ensure_topics(settings, kafka.bootstrap)
     rng = random.Random(7)
     items = load_bundle(quick_bundle).items.item_ids[:40]
@@ -97,12 +110,14 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path):
         dlq = read_all(settings, settings.topic_dlq)
         dlq_sources = Counter((d["partition"], d["offset"]) for d in dlq)
         bad_sources = {(p, o) for err, valid, p, o in delivered if not valid and err is None}
-        print(f"\nfaults: kills={KILLS} worker_crashes={crashes} in={len(good)} valid + {len(bad_sources)} "
+        print(f"\nfaults ({guarantee}): kills={KILLS} worker_crashes={crashes} in={len(good)} valid + {len(bad_sources)} "
               f"invalid; out={len(out)} duplicated={sum(n - 1 for n in got.values())} lost={len(lost)}; "
               f"dlq={len(dlq)} (duplicated {sum(n - 1 for n in dlq_sources.values())})")
         assert not lost, f"{len(lost)} valid events without a recommendation"
         assert set(dlq_sources) == bad_sources  # exactly the invalid inputs
         assert_state_counts_each_event_once(final_states(settings, 25), good)
+        if guarantee == "exactly_once":
+            assert sum(n - 1 for n in got.values()) == 0  # read_committed sees each output once
     finally:
         worker.stop()
         redis.stop()
