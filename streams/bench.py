@@ -292,6 +292,17 @@ def run_bench(settings: Settings, args) -> int:
             print("inference: onnxruntime vs torch; long-term refresh", flush=True)
             result["inference"] = inference_bench(settings)
             result["inference"]["refresh"] = refresh_bench(settings, bench.redis, bundle, base)
+        if args.soak:
+            from .soak import soak
+
+            print(f"soak: {args.soak_rate:.0f} events/s for {args.soak:.0f} s", flush=True)
+            out = Path(args.json).with_name("soak")
+            r = soak(bench, base, args.soak_rate, args.soak, out.with_suffix(".json"), out.with_suffix(".png"))
+            rss = [x["rss_mb"] for x in r["samples"]]
+            lag = [x["lag"] or 0 for x in r["samples"]]
+            result["soak"] = {"rate": args.soak_rate, "duration_s": args.soak, "samples": len(rss),
+                              "rss_mb_first_last_max": [rss[0], rss[-1], max(rss)] if rss else None,
+                              "lag_max": max(lag) if lag else None, "plot": str(out.with_suffix(".png"))}
         if "state" not in skip and args.users:
             print(f"state: {args.users} users", flush=True)
             result["state"] = bench.state_size(base, args.users)

@@ -50,6 +50,12 @@ def cmd_up(settings: Settings, args) -> int:
     return 0
 
 
+def _faust_argv(settings: Settings) -> list[str]:
+    level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
+    return ["streams", "worker", "--loglevel", level, "--web-port", str(settings.web_port),
+            "--web-bind", settings.web_host]
+
+
 def cmd_worker(settings: Settings, args) -> int:
     """Run the Faust worker (validates the bundle and the broker first)."""
     from .bundle import load_bundle
@@ -62,8 +68,7 @@ def cmd_worker(settings: Settings, args) -> int:
     from .pipeline import runtime
 
     runtime()
-    sys.argv = ["streams", "worker", "--loglevel", settings.log_level.lower(),
-                "--web-port", str(settings.web_port), "--web-bind", settings.web_host]
+    sys.argv = _faust_argv(settings)
     app_module.app.main()
     return 0
 
@@ -169,8 +174,7 @@ def cmd_passthrough(settings: Settings, args) -> int:
     from .kafka_clients import ensure_topics
 
     ensure_topics(settings, _bootstrap(settings))
-    sys.argv = ["streams", "worker", "--loglevel", settings.log_level.lower(),
-                "--web-port", str(settings.web_port), "--web-bind", settings.web_host]
+    sys.argv = _faust_argv(settings)
     passthrough.app.main()
     return 0
 
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--rates", default="500,1000,2000", help="latency runs, events/s")
     bp.add_argument("--duration", type=float, default=60.0, help="seconds per latency run")
     bp.add_argument("--users", type=int, default=100_000, help="users of the state-size run (0: skip)")
+    bp.add_argument("--soak", type=float, default=0, help="soak run of S seconds (0: none)")
+    bp.add_argument("--soak-rate", type=float, default=1000.0)
     bp.add_argument("--skip", default="", help="comma list of phases to skip: "
                     "throughput,latency,inference,state")
     es = parsers["evaluate-stream"]

@@ -15,6 +15,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import orjson
 from faust.streams import _current_event
 
@@ -25,7 +26,7 @@ from .bundle import Bundle, load_bundle
 from .config import Settings
 from .events import Event, EventRules, decode_event, dlq_record, parse_control
 from .inference import RecommendationBatch, Recommender
-from .longterm import LongTermStore, LongTermVector, history_entry, redis_client
+from .longterm import LongTermStore, history_entry, redis_client
 from .state import last_event_ts, recent_items, update_short_term
 
 log = logging.getLogger(__name__)
@@ -109,26 +110,34 @@ def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]
     return out
 
 
-def render_output(p: Pending, batch: RecommendationBatch, i: int, rt: Runtime,
-                  long_vec: LongTermVector | None, degraded: bool, now_ms: int) -> bytes:
+def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: Runtime,
+                   long_vecs: dict, degraded: bool, now_ms: int) -> list[bytes]:
+    """The `recommendations` messages of a batch (numbers rounded once, in numpy)."""
     items = rt.bundle.items
-    return orjson.dumps({
-        "event_id": p.event.event_id,
-        "user_id": p.event.user_id,
-        "item_id": p.event.item_id,  # the event's item: what this recommendation follows
-        "items": [{"item_id": items.item_at(int(r)), "score": round(float(s), 4),
-                   "title": items.title_at(int(r))}
-                  for r, s in zip(batch.rows[i], batch.scores[i])],
-        "interest": [round(float(x), 5) for x in batch.fused[i]],
-        "alpha": round(float(batch.alpha[i]), 4),
-        "fusion_mode": rt.fusion_mode,
-        "long_term": None if long_vec is None else {
-            "version": long_vec.version, "age_s": round(long_vec.age_s(now_ms), 3)},
-        "degraded": degraded,
-        "model_version": rt.bundle.version,
-        "event_ts": p.event.ts,
-        "emitted_ts": now_ms,
-    })
+    interests = np.round(batch.fused, 5).tolist()
+    scores = np.round(batch.scores, 4).tolist()
+    alphas = np.round(batch.alpha, 4).tolist()
+    rows = batch.rows.tolist()
+    out = []
+    for i, p in enumerate(pending):
+        lt = long_vecs.get(p.event.user_id)
+        out.append(orjson.dumps({
+            "event_id": p.event.event_id,
+            "user_id": p.event.user_id,
+            "item_id": p.event.item_id,  # the event's item: what this recommendation follows
+            "items": [{"item_id": items.item_at(r), "score": sc, "title": items.title_at(r)}
+                      for r, sc in zip(rows[i], scores[i])],
+            "interest": interests[i],
+            "alpha": alphas[i],
+            "fusion_mode": rt.fusion_mode,
+            "long_term": None if lt is None else {"version": lt.version,
+                                                  "age_s": round(lt.age_s(now_ms), 3)},
+            "degraded": degraded,
+            "model_version": rt.bundle.version,
+            "event_ts": p.event.ts,
+            "emitted_ts": now_ms,
+        }))
+    return out
 
 
 async def process_batch(events: Sequence) -> None:
@@ -196,9 +205,8 @@ async def process_segment(events: Sequence) -> None:
         [p.dt_s for p in pending], [p.rows for p in pending],
         rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    emitted_ms = int(time.time() * 1000)
-    for i, p in enumerate(pending):
-        value = render_output(p, batch, i, rt, long_vecs.get(p.event.user_id), degraded, emitted_ms)
+    values = render_outputs(pending, batch, rt, long_vecs, degraded, int(time.time() * 1000))
+    for p, value in zip(pending, values):
         _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
         await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
     metrics.EVENTS_OUT.inc(len(pending))
@@ -210,6 +218,14 @@ async def process_segment(events: Sequence) -> None:
 async def recommend(stream):
     async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
         await process_batch(events)
+
+
+@app.task
+async def quiet_client_logs():
+    """Faust's worker sets the root level; aiokafka's per-message debug records cost ~8% CPU."""
+    level = max(logging.getLevelName(settings.log_level.upper()), logging.INFO)
+    for name in ("aiokafka", "faust.transport", "faust.topics"):
+        logging.getLogger(name).setLevel(level)
 
 
 @app.page("/metrics")
