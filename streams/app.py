@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=6.0,
         broker_heartbeat_interval=0.5,
         broker_rebalance_timeout=30.0,
-        broker_commit_interval=0.5,
+        broker_commit_interval=settings.commit_interval_s,
         broker_commit_every=10_000,
         processing_guarantee=settings.processing_guarantee,
         producer_acks=-1,

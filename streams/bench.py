@@ -113,7 +113,9 @@ class Bench:
         seen, out, last = set(), [], time.monotonic()
         try:
             while len(seen) < n:
-                msgs = cons.consume(1000, 0.2)
+                # consume() waits for the whole timeout unless 1000 are queued: keep it short,
+                # or the arrival stamps (latency) gain up to the timeout
+                msgs = cons.consume(1000, 0.005)
                 arrival = int(time.time() * 1000)
                 for msg in msgs:
                     if msg.error():
@@ -182,7 +184,7 @@ class Bench:
     def latency(self, events: list[Event], rates: list[int], duration_s: float) -> dict:
         s = self.fresh()
         ensure_topics(s, self.kafka)
-        proc = self.children.start(f"bench-latency-{s.app_id}", ["worker"], self.env(s))
+        proc = self.children.start(f"bench-latency-{s.app_id}", [os.environ.get("BENCH_AGENT", "worker")], self.env(s))
         results = {}
         try:
             self._warm_up(s, events[:200], proc)
@@ -222,9 +224,9 @@ class Bench:
         prod.flush(30)
 
     def state_size(self, base: list[Event], users: int) -> dict:
-        """Worker RSS once `users` distinct users have short-term state (5 events each)."""
-        events = [Event(f"st-{u}-{j}", f"st{u}", base[(u * 5 + j) % len(base)].item_id, "click", j)
-                  for u in range(users) for j in range(5)]
+        """Worker RSS once `users` distinct users have short-term state (2 events each)."""
+        events = [Event(f"st-{u}-{j}", f"st{u}", base[(u * 2 + j) % len(base)].item_id, "click", j)
+                  for u in range(users) for j in range(2)]
         result = self.agent_throughput("worker", events)
         return {"users": users, "events": len(events), "rss_mb": result["rss_mb"],
                 "events_per_s": result["events_per_s"]}

@@ -55,6 +55,7 @@ class Settings:
     max_payload_bytes: int = 4096  #: MAX_PAYLOAD_BYTES: bigger events are dead-lettered
     max_future_skew_s: float = 300.0  #: MAX_FUTURE_SKEW_S: ts this far ahead is rejected
     processing_guarantee: str = "at_least_once"  #: PROCESSING_GUARANTEE
+    commit_interval_s: float = 0.5  #: COMMIT_INTERVAL_S: offsets (and the producer) flushed this often
     web_port: int = 6066  #: WEB_PORT: Faust's web server (and /metrics)
     web_host: str = "127.0.0.1"  #: WEB_HOST
     # --- long-term store --------------------------------------------------------------
