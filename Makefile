@@ -10,7 +10,7 @@ EVENTS ?= 0
 RATE   ?= 20
 PYTEST_ARGS ?=
 
-.PHONY: install infra browser demo test models evaluate bench clean
+.PHONY: install infra browser demo test models evaluate quality bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ models: install
 
 evaluate: install
 	$(PY) -m model_export evaluate --bundle artifacts/ml-100k --json artifacts/eval-ml-100k.json --plot artifacts/eval-ml-100k.png
+
+quality: install
+	$(PY) -m model_export quality --seeds 0 1 2 --json artifacts/quality.json
 
 bench: infra
 	$(PY) -m streams bench --json artifacts/bench.json

@@ -63,6 +63,20 @@ def cmd_bench_inference(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    import json
+
+    from .quality import quality
+
+    result = quality(args.data, args.seeds, Path(args.out))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    for name, m in result["ndcg@10"].items():
+        print(f"{name:<18} NDCG@10 {m['mean']:.4f} ± {m['std']:.4f}")
+    print(f"best fused: {result['best_fused']} ({result['best_fused_gain_vs_gpt']:+.1%} vs gpt)")
+    return 0
+
+
 def main(argv=None) -> int:
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "10")  # progress bars in logs: a line per 10 s
@@ -94,6 +108,12 @@ def main(argv=None) -> int:
     bi = sub.add_parser("bench-inference", help="GPT per event: onnxruntime vs torch")
     bi.add_argument("--bundle", default=str(settings.bundle_dir))
     bi.set_defaults(func=cmd_bench_inference)
+    q = sub.add_parser("quality", help="full builds over several seeds: NDCG@10 mean and spread")
+    q.add_argument("--data", default=str(settings.data_dir))
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--out", default="artifacts/quality")
+    q.add_argument("--json", default="artifacts/quality.json")
+    q.set_defaults(func=cmd_quality)
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
