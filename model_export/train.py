@@ -146,25 +146,32 @@ def _batches(n: int, size: int, gen: torch.Generator):
         yield order[start:start + size]
 
 
-def train_projection(gpt: ItemGPT, ex: FusionExamples, d_text: int, cfg: TrainConfig
-                     ) -> LongTermProjection:
-    """BERT space -> GPT item space, so that h_l alone ranks the next item (all positions)."""
-    torch.manual_seed(cfg.seed)
-    proj = LongTermProjection(d_text, gpt.cfg.d_model)
-    item_emb = gpt.item_embeddings.detach()
-    opt = torch.optim.AdamW(proj.parameters(), lr=3e-3, weight_decay=cfg.weight_decay)
+def _fit(module: torch.nn.Module, loss_of, n: int, epochs: int, batch: int, lr: float,
+         weight_decay: float, cfg: TrainConfig, desc: str) -> torch.nn.Module:
+    """Minimise loss_of(batch indices) over `module`'s parameters; returns it in eval mode."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=cfg.fusion_epochs, desc="projection", disable=not cfg.progress, unit="epoch")
-    for _ in range(cfg.fusion_epochs):
-        for idx in _batches(len(ex.target), 512, gen):
-            loss = F.cross_entropy(proj(ex.pooled[idx]) @ item_emb.T, ex.target[idx])
+    bar = tqdm(total=epochs, desc=desc, disable=not cfg.progress, unit="epoch")
+    for _ in range(epochs):
+        for idx in _batches(n, batch, gen):
+            loss = loss_of(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    return proj.eval()
+    return module.eval()
+
+
+def train_projection(gpt: ItemGPT, ex: FusionExamples, d_text: int, cfg: TrainConfig
+                     ) -> LongTermProjection:
+    """BERT space -> GPT item space, so that h_l alone ranks the next item (all positions)."""
+    torch.manual_seed(cfg.seed)
+    proj = LongTermProjection(d_text, gpt.cfg.d_model)
+    item_emb = gpt.item_embeddings.detach()
+    return _fit(proj, lambda idx: F.cross_entropy(proj(ex.pooled[idx]) @ item_emb.T, ex.target[idx]),
+                len(ex.target), cfg.fusion_epochs, 512, 3e-3, cfg.weight_decay, cfg, "projection")
 
 
 def train_gate(gpt: ItemGPT, proj: LongTermProjection, ex: FusionExamples, cfg: TrainConfig
@@ -175,21 +182,13 @@ def train_gate(gpt: ItemGPT, proj: LongTermProjection, ex: FusionExamples, cfg: 
     item_emb = gpt.item_embeddings.detach()
     with torch.no_grad():
         h_l = proj(ex.pooled)
-    opt = torch.optim.AdamW(gate.parameters(), lr=2e-3, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=cfg.gate_epochs, desc="gate", disable=not cfg.progress, unit="epoch")
-    for _ in range(cfg.gate_epochs):
-        for idx in _batches(len(ex.target), 256, gen):
-            a = gate(ex.h_s[idx], h_l[idx], ex.dt[idx])
-            fused = a * ex.h_s[idx] + (1 - a) * h_l[idx]
-            loss = F.cross_entropy(fused @ item_emb.T, ex.target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    return gate.eval()
+
+    def loss_of(idx):
+        a = gate(ex.h_s[idx], h_l[idx], ex.dt[idx])
+        fused = a * ex.h_s[idx] + (1 - a) * h_l[idx]
+        return F.cross_entropy(fused @ item_emb.T, ex.target[idx])
+
+    return _fit(gate, loss_of, len(ex.target), cfg.gate_epochs, 256, 2e-3, 0.05, cfg, "gate")
 
 
 @torch.no_grad()

@@ -128,3 +128,15 @@ def _wait_http(url, timeout=30):
 
 def _snapshot(url):
     return orjson.loads(urllib.request.urlopen(url + "api/snapshot").read())
+
+
+def test_evaluate_stream_prints_online_beside_offline(stack, quick_bundle, tmp_path):
+    settings = unique_settings(stack, quick_bundle)
+    log = write_log(tmp_path / "log.jsonl", load_bundle(quick_bundle).items.item_ids[:30], n=300, users=6)
+    done = cli(settings, "evaluate-stream", "--data", str(log), "--test-share", "0.5", timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["events"] == 300 and result["test_events"] == 150
+    assert result["scored"] == 150  # every test event followed an earlier one of its user
+    assert 0.0 <= result["online"]["hr@10"] <= 1.0
+    assert set(result["offline"]) >= {"gpt", "fused_gate", "popularity"}
