@@ -74,7 +74,7 @@ def cmd_worker(settings: Settings, args) -> int:
 
 
 def cmd_refresher(settings: Settings, args) -> int:
-    from .app import resolve_redis
+    from .endpoints import resolve_redis
     from .bundle import load_bundle
     from .longterm import redis_client
     from .refresher import LongTermRefresher
@@ -99,7 +99,7 @@ def cmd_refresher(settings: Settings, args) -> int:
 
 
 def _bootstrap(settings: Settings) -> str:
-    from .app import resolve_kafka
+    from .endpoints import resolve_kafka
 
     return resolve_kafka(settings)
 
@@ -187,7 +187,7 @@ def cmd_bench(settings: Settings, args) -> int:
 
 def cmd_forget(settings: Settings, args) -> int:
     """Erase a user: a control record through the user's partition (state tombstone + Redis)."""
-    from .app import resolve_redis
+    from .endpoints import resolve_redis
     from .events import forget_record
     from .kafka_clients import producer
     from .longterm import forget_user, redis_client

@@ -16,7 +16,7 @@ import uuid
 
 import orjson
 
-from .app import resolve_kafka, resolve_redis
+from .endpoints import resolve_kafka, resolve_redis
 from .bundle import load_bundle
 from .config import Settings
 from .demo import Children

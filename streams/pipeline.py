@@ -20,10 +20,11 @@ import orjson
 from faust.streams import _current_event
 
 from . import metrics
-from .app import app, dlq_topic, events_topic, recommendations_topic, resolve_redis, settings
+from .app import app, dlq_topic, events_topic, recommendations_topic, settings
 from .app import short_term_table
 from .bundle import Bundle, load_bundle
 from .config import Settings
+from .endpoints import resolve_redis
 from .events import Event, EventRules, decode_event, dlq_record, parse_control
 from .inference import RecommendationBatch, Recommender
 from .longterm import LongTermStore, history_entry, redis_client

@@ -1,0 +1,25 @@
+"""Where Kafka and Redis are: the settings, else the stack started by `python -m streams up`."""
+from __future__ import annotations
+
+from .config import Settings
+from .errors import ConfigError
+from .local import running_endpoints
+
+
+def resolve_kafka(settings: Settings) -> str:
+    if settings.kafka_bootstrap_servers:
+        return settings.kafka_bootstrap_servers
+    running = running_endpoints(settings.state_dir)
+    if running and running.get("kafka"):
+        return running["kafka"]
+    raise ConfigError(
+        "no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS=host:port, or start the local one with "
+        "`python -m streams up` (or `make demo`)"
+    )
+
+
+def resolve_redis(settings: Settings) -> str | None:
+    if settings.redis_url:
+        return settings.redis_url
+    running = running_endpoints(settings.state_dir)
+    return running.get("redis") if running else None
