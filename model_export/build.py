@@ -34,7 +34,7 @@ def item_records(ds: data.Dataset) -> list[dict]:
 
 
 def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
-          train_cfg: train.TrainConfig | None = None, fusion_mode: str = "gate",
+          train_cfg: train.TrainConfig | None = None, fusion_mode: str = "fixed",
           fixed_alpha: float | None = None, evaluate_after: bool = True) -> dict:
     """Train everything on `dataset`'s training split and write a bundle into `out`."""
     started = time.time()
