@@ -51,7 +51,6 @@ def feed(settings, records, rate, delivered):
     assert prod.flush(180) == 0
 
 
-@pytest.mark.timeout(600)
 EOS_REASON = (
     "Faust's exactly_once on Apache Kafka 3.9: outputs stay unique only per transaction, and "
     "Faust commits its transactions on a timer that is not aligned with the agent's "
@@ -61,6 +60,7 @@ EOS_REASON = (
     "(changelog offset above the partition's end, read_committed). Nothing is lost either way.")
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("guarantee", [
     "at_least_once",
     pytest.param("exactly_once", marks=pytest.mark.xfail(reason=EOS_REASON, strict=False)),
