@@ -9,6 +9,7 @@ N recommendations came back; otherwise it runs until Ctrl-C. Everything it start
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -33,9 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def ensure_bundle(settings: Settings, quick: bool) -> None:
-    if (settings.bundle_dir / MANIFEST).is_file():
-        return
     data = settings.data_dir if (settings.data_dir / "u.data").is_file() else None
+    manifest = settings.bundle_dir / MANIFEST
+    if manifest.is_file():
+        built_on = json.loads(manifest.read_text()).get("dataset")
+        if not (data is not None and built_on == "synthetic"):
+            return
+        print(f"{settings.bundle_dir} was built on the synthetic stream and MovieLens is now in "
+              f"{settings.data_dir}: rebuilding it on ml-100k.")
     if data is None:
         print(f"MovieLens-100K not found in {settings.data_dir} (put u.data and u.item there, "
               f"or set DATA_DIR); building a bundle on the synthetic stream instead.")
