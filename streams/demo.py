@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import orjson
@@ -26,7 +25,7 @@ from .bundle import MANIFEST, load_bundle
 from .config import Settings
 from .errors import InfraError
 from .events import Event
-from .kafka_clients import consumer, ensure_topics, producer
+from .kafka_clients import ensure_topics, producer, tail_consumer
 from .local import LocalStack, free_port
 from .replay import read_recorded
 
@@ -125,11 +124,7 @@ def run_demo(settings: Settings, events: int = 0, rate: float = 20.0, quick: boo
 
 
 def _feed_and_show(settings, kafka, bundle, n_events, rate, children) -> int:
-    out = consumer(settings, kafka, f"demo-{uuid.uuid4().hex[:8]}", **{"auto.offset.reset": "latest"})
-    out.subscribe([settings.topic_recommendations])
-    deadline = time.monotonic() + 30
-    while not out.assignment() and time.monotonic() < deadline:
-        out.poll(0.2)
+    out = tail_consumer(settings, kafka, settings.topic_recommendations)
     prod = producer(settings, kafka)
     source = demo_events(settings, bundle, n_events or None)
     sent, received, wanted, started = 0, 0, set(), time.monotonic()

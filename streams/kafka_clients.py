@@ -6,6 +6,7 @@ talks to Kafka through Faust/aiokafka).
 from __future__ import annotations
 
 import logging
+import uuid
 
 from .config import Settings
 from .errors import InfraError
@@ -70,3 +71,21 @@ def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> 
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise InfraError(f"cannot create topic {name}: {exc}") from exc
+
+
+def tail_consumer(settings: Settings, bootstrap: str, topic: str, timeout: float = 30.0):
+    """A consumer positioned at the current end of every partition of `topic`.
+
+    Unlike auto.offset.reset=latest, whose position is looked up lazily after the group join,
+    this fixes the start before anything else is produced: no record written afterwards is missed.
+    """
+    from confluent_kafka import TopicPartition
+
+    cons = consumer(settings, bootstrap, f"tail-{uuid.uuid4().hex[:8]}")
+    partitions = cons.list_topics(topic, timeout=timeout).topics[topic].partitions
+    assignment = []
+    for p in partitions:
+        _, high = cons.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        assignment.append(TopicPartition(topic, p, high))
+    cons.assign(assignment)
+    return cons
