@@ -26,7 +26,7 @@ from .config import Settings
 from .errors import InfraError
 from .events import Event
 from .kafka_clients import ensure_topics, producer, tail_consumer
-from .local import LocalStack, free_port
+from .local import LocalStack, free_port, stop_stale
 from .replay import read_recorded
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,18 @@ class Children:
     def __init__(self, log_dir: Path):
         self.log_dir, self.procs = log_dir, []
         log_dir.mkdir(parents=True, exist_ok=True)
+        stop_stale(log_dir, "children.json", marks=(b"-m\x00streams",))
+
+    def _record(self) -> None:
+        (self.log_dir / "children.json").write_text(json.dumps(
+            {"pid": os.getpid(), "children": [p.pid for _, p in self.procs]}))
 
     def start(self, name: str, args: list[str], env: dict) -> subprocess.Popen:
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "streams", *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append((name, proc))
+        self._record()
         return proc
 
     def check(self) -> None:
@@ -93,9 +99,17 @@ class Children:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        (self.log_dir / "children.json").unlink(missing_ok=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_demo(settings: Settings, events: int = 0, rate: float = 20.0, quick: bool = False) -> int:
+    # SIGTERM/SIGHUP (a closed terminal, `timeout`, CI) must also stop what the demo started
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
     ensure_bundle(settings, quick)
     bundle = load_bundle(settings.bundle_dir)
     stack = LocalStack(settings.state_dir / "local")

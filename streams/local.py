@@ -248,6 +248,7 @@ class LocalStack:
     redis: LocalRedis | None = None
 
     def start(self, with_kafka: bool = True, with_redis: bool = True) -> dict:
+        stop_stale(self.root)
         if with_kafka:
             self.kafka = LocalKafka(self.root / "kafka")
             self.kafka.start()
@@ -255,7 +256,8 @@ class LocalStack:
             self.redis = LocalRedis(self.root / "redis")
             self.redis.start()
         endpoints = self.endpoints()
-        (self.root / "local.json").write_text(json.dumps(dict(endpoints, pid=os.getpid())))
+        pids = [p.proc.pid for p in (self.kafka, self.redis) if p and p.proc]
+        (self.root / "local.json").write_text(json.dumps(dict(endpoints, pid=os.getpid(), children=pids)))
         return endpoints
 
     def endpoints(self) -> dict:
@@ -274,6 +276,47 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_stale(root: Path, record: str = "local.json", marks: tuple[bytes, ...] = ()) -> None:
+    """Stop processes left behind by an owner that died (e.g. a SIGKILLed demo): a broker
+    would hold its data directory's lock. `record` names them; a process is only stopped if
+    its command line names `root` or one of `marks` (a pid may have been reused)."""
+    try:
+        info = json.loads((root / record).read_text())
+    except (OSError, ValueError):
+        return
+    if _alive(info.get("pid")):
+        return
+    redis_port = (info.get("redis") or "").rpartition(":")[2].split("/")[0].encode()
+    marks = marks + ((b":" + redis_port,) if redis_port else ())
+    for pid in info.get("children", []):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(root).encode() in cmdline or any(m in cmdline for m in marks):
+            log.warning("stopping process %s left by a stack whose owner died", pid)
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not _alive(pid):
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+    (root / record).unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    # a zombie (exited, not yet reaped) is not alive
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def running_endpoints(state_dir: Path) -> dict | None:
