@@ -31,7 +31,8 @@ from .config import Settings
 from .demo import Children, ensure_bundle
 from .errors import InfraError
 from .events import Event
-from .kafka_clients import consumer, ensure_topics, producer
+from .kafka_clients import consumer, ensure_topics, produce, producer
+from .endpoints import given_or_local
 from .local import LocalStack, free_port
 from .replay import read_recorded
 
@@ -96,12 +97,7 @@ class Bench:
         now = int(time.time() * 1000)
         for e in events:
             value = e.to_json() if not restamp else dataclasses.replace(e, ts=now).to_json()
-            while True:
-                try:
-                    prod.produce(s.topic_events, key=e.user_id.encode(), value=value)
-                    break
-                except BufferError:
-                    prod.poll(0.05)
+            produce(prod, s.topic_events, e.user_id.encode(), value)
         if prod.flush(120):
             raise InfraError("preload: events left undelivered")
 
@@ -167,15 +163,9 @@ class Bench:
                 if msg.error():
                     continue
                 obj = orjson.loads(msg.value())
-                while True:
-                    try:
-                        prod.produce(s.topic_recommendations, key=msg.key(), value=orjson.dumps(
-                            {"event_id": obj["event_id"], "emitted_ts": int(time.time() * 1000)}))
-                        break
-                    except BufferError:
-                        prod.poll(0.01)
+                produce(prod, s.topic_recommendations, msg.key(), orjson.dumps(
+                    {"event_id": obj["event_id"], "emitted_ts": int(time.time() * 1000)}), 0.01)
                 n += 1
-            prod.poll(0)
         prod.flush(60)
         seconds = time.monotonic() - first
         cons.close()
@@ -268,10 +258,7 @@ def run_bench(settings: Settings, args) -> int:
               "settings": {"batch_size": settings.batch_size, "batch_within_s": settings.batch_within_s,
                            "partitions": settings.partitions}}
     try:
-        endpoints = stack.start(with_kafka=not settings.kafka_bootstrap_servers,
-                                with_redis=not settings.redis_url)
-        bench = Bench(settings, settings.kafka_bootstrap_servers or endpoints["kafka"],
-                      settings.redis_url or endpoints["redis"], settings.state_dir / "logs")
+        bench = Bench(settings, *given_or_local(settings, stack), settings.state_dir / "logs")
         base = base_events(settings, bundle)
         events = stream_of(base, args.events)
         if "throughput" not in skip:

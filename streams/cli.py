@@ -108,7 +108,7 @@ def cmd_replay(settings: Settings, args) -> int:
     """Publish a recorded stream (u.data, CSV or JSONL) to the events topic."""
     from tqdm import tqdm
 
-    from .kafka_clients import ensure_topics, producer
+    from .kafka_clients import ensure_topics, produce, producer
     from .replay import Pacer, parse_time, read_recorded, replay
 
     bootstrap = _bootstrap(settings)
@@ -121,13 +121,7 @@ def cmd_replay(settings: Settings, args) -> int:
         user = f"{prefix}{event.user_id}" if prefix else event.user_id
         if prefix:
             event = event.__class__(event.event_id, user, event.item_id, event.event_type, event.ts)
-        while True:
-            try:
-                prod.produce(settings.topic_events, key=user.encode(), value=event.to_json())
-                break
-            except BufferError:  # local queue full: let it drain
-                prod.poll(0.05)
-        prod.poll(0)
+        produce(prod, settings.topic_events, user.encode(), event.to_json())
 
     pacer = Pacer(speed=None if args.max else args.speed, rate=None if args.max else args.rate)
     with tqdm(total=len(events), unit="ev", desc="replay", disable=args.quiet) as bar:

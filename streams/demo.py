@@ -26,6 +26,7 @@ from .config import Settings
 from .errors import InfraError
 from .events import Event
 from .kafka_clients import ensure_topics, producer, tail_consumer
+from .endpoints import given_or_local
 from .local import LocalStack, free_port, stop_stale
 from .replay import read_recorded
 
@@ -115,10 +116,7 @@ def run_demo(settings: Settings, events: int = 0, rate: float = 20.0, quick: boo
     stack = LocalStack(settings.state_dir / "local")
     children = Children(settings.state_dir / "logs")
     try:
-        endpoints = stack.start(with_kafka=not settings.kafka_bootstrap_servers,
-                                with_redis=not settings.redis_url)
-        kafka = settings.kafka_bootstrap_servers or endpoints["kafka"]
-        redis_url = settings.redis_url or endpoints["redis"]
+        kafka, redis_url = given_or_local(settings, stack)
         if stack.kafka:
             print(f"Kafka ready on {kafka} in {stack.kafka.ready_seconds:.1f}s; Redis on {redis_url}")
         ensure_topics(settings, kafka)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .config import Settings
 from .errors import ConfigError
-from .local import running_endpoints
+from .local import LocalStack, running_endpoints
 
 
 def resolve_kafka(settings: Settings) -> str:
@@ -23,3 +23,17 @@ def resolve_redis(settings: Settings) -> str | None:
         return settings.redis_url
     running = running_endpoints(settings.state_dir)
     return running.get("redis") if running else None
+
+
+def given_or_local(settings: Settings, stack: LocalStack) -> tuple[str, str]:
+    """Kafka and Redis as given (settings, or a running `up` stack); what is missing, `stack`
+    starts. The caller stops `stack`, which stops only what it started."""
+    try:
+        kafka = resolve_kafka(settings)
+    except ConfigError:
+        kafka = None
+    redis = resolve_redis(settings)
+    if kafka is None or redis is None:
+        endpoints = stack.start(with_kafka=kafka is None, with_redis=redis is None)
+        kafka, redis = kafka or endpoints["kafka"], redis or endpoints["redis"]
+    return kafka, redis

@@ -16,12 +16,12 @@ import uuid
 
 import orjson
 
-from .endpoints import resolve_kafka, resolve_redis
 from .bundle import load_bundle
 from .config import Settings
 from .demo import Children
+from .endpoints import given_or_local
 from .errors import InfraError
-from .kafka_clients import consumer, ensure_topics, producer
+from .kafka_clients import consumer, ensure_topics, produce, producer
 from .local import LocalStack, free_port
 from .online import PrequentialEvaluator
 from .quality import hit_rate, ndcg
@@ -38,7 +38,7 @@ def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: in
     stack = LocalStack(settings.state_dir / f"eval-{tag}")
     children = Children(settings.state_dir / "logs")
     try:
-        kafka, redis = _endpoints(settings, stack)
+        kafka, redis = given_or_local(settings, stack)
         ensure_topics(settings, kafka)
         env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka, REDIS_URL=redis,
                    BUNDLE_DIR=str(settings.bundle_dir), WEB_PORT=str(free_port()),
@@ -67,30 +67,12 @@ def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: in
     }
 
 
-def _endpoints(settings: Settings, stack: LocalStack) -> tuple[str, str]:
-    try:
-        kafka = resolve_kafka(settings)
-    except Exception:
-        kafka = None
-    redis = resolve_redis(settings)
-    if kafka is None or redis is None:
-        endpoints = stack.start(with_kafka=kafka is None, with_redis=redis is None)
-        kafka, redis = kafka or endpoints["kafka"], redis or endpoints["redis"]
-    return kafka, redis
-
-
 def _run(settings, kafka, events, test_ids, children, timeout_s) -> list[int]:
     cons = consumer(settings, kafka, f"eval-reader-{uuid.uuid4().hex[:6]}")
     cons.subscribe([settings.topic_recommendations])
     prod = producer(settings, kafka)
     for event in events:
-        while True:
-            try:
-                prod.produce(settings.topic_events, key=event.user_id.encode(), value=event.to_json())
-                break
-            except BufferError:
-                prod.poll(0.05)
-        prod.poll(0)
+        produce(prod, settings.topic_events, event.user_id.encode(), event.to_json())
     prod.flush(60)
     evaluator, ranks, pending = PrequentialEvaluator(k=10), [], {e.event_id for e in events}
     last_progress = time.monotonic()

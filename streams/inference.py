@@ -50,8 +50,12 @@ class ShortTermEncoder:
         self.max_len = int(bundle.dims["max_len"])
 
     def encode(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        rows, mask = pad_left(sequences, self.max_len)
-        (h_s,) = self.session.run(list(SHORT_TERM.outputs), {"item_rows": rows, "mask": mask})
+        return self.encode_padded(*pad_left(sequences, self.max_len))
+
+    def encode_padded(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Left-padded (B, T) rows and mask; the GPT reads the newest max_len columns."""
+        feeds = {"item_rows": rows[:, -self.max_len:], "mask": mask[:, -self.max_len:]}
+        (h_s,) = self.session.run(list(SHORT_TERM.outputs), feeds)
         return h_s
 
 
@@ -150,7 +154,8 @@ class InterestFuser:
         h_s: np.ndarray,
         h_l: np.ndarray,
         has_long: np.ndarray,
-        histories: Sequence[Sequence[int]],
+        hist_rows: np.ndarray,
+        hist_mask: np.ndarray,
         dt_s: np.ndarray,
         seen_mask: np.ndarray,
         mode: str,
@@ -161,7 +166,6 @@ class InterestFuser:
             raise ValueError(f"fusion mode {mode!r} is not one of {FUSION_MODES}")
         if not 1 <= k <= self.max_k:
             raise ValueError(f"k={k} must lie in [1, {self.max_k}] for this bundle")
-        hist_rows, hist_mask = pad_left(histories, 10_000)
         feeds = {
             "h_s": h_s.astype(np.float32),
             "h_l": h_l.astype(np.float32),
@@ -205,14 +209,15 @@ class Recommender:
         k: int,
     ) -> RecommendationBatch:
         """Score a batch: `sequences` are recent item rows (oldest first), one per user."""
-        h_s = self.short_term.encode(sequences)
+        rows, mask = pad_left(sequences, 10_000)  # padded once: the GPT's input and attention's N
+        h_s = self.short_term.encode_padded(rows, mask)
         h_l = np.zeros_like(h_s)
         has_long = np.zeros(len(sequences), dtype=np.float32)
         for i, vec in enumerate(long_vecs):
             if vec is not None and vec.shape == (self.d_model,):
                 h_l[i], has_long[i] = vec, 1.0
         return self.fuser.fuse(
-            h_s, h_l, has_long, sequences, np.asarray(dt_s, dtype=np.float32),
+            h_s, h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),
             self.seen_mask(seen), mode, fixed_alpha, k,
         )
 

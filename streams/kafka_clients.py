@@ -89,3 +89,14 @@ def tail_consumer(settings: Settings, bootstrap: str, topic: str, timeout: float
         assignment.append(TopicPartition(topic, p, high))
     cons.assign(assignment)
     return cons
+
+
+def produce(prod, topic: str, key: bytes | None, value: bytes, wait_s: float = 0.05) -> None:
+    """Produce one record, waiting while librdkafka's local queue is full (BufferError)."""
+    while True:
+        try:
+            prod.produce(topic, key=key, value=value)
+            break
+        except BufferError:
+            prod.poll(wait_s)
+    prod.poll(0)

@@ -269,7 +269,8 @@ class LocalStack:
             self.redis.stop()
         if self.kafka:
             self.kafka.stop()
-        (self.root / "local.json").unlink(missing_ok=True)
+        if self.kafka or self.redis:  # the record is ours only if we started something
+            (self.root / "local.json").unlink(missing_ok=True)
 
     def __enter__(self) -> "LocalStack":
         return self

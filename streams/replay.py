@@ -121,7 +121,7 @@ def replay(events, send, pacer: Pacer, restamp: bool = True, progress=None,
         try:
             send(event)
             sent += 1
-        except Exception as exc:  # BufferError, KafkaException
+        except Exception as exc:  # KafkaException and the like: counted, replay goes on
             errors += 1
             log.warning("send failed: %s", exc)
         if progress is not None:
