@@ -36,6 +36,12 @@ def vec_key(user: str) -> str:
     return f"{PREFIX}lt:{user}"
 
 
+def queue_erase(pipe, user: str) -> None:
+    """Add to `pipe` what erases a user: history, vector, dirty mark (2 replies)."""
+    pipe.delete(hist_key(user), vec_key(user))
+    pipe.srem(DIRTY, user)
+
+
 @dataclass(frozen=True)
 class LongTermVector:
     vec: np.ndarray
@@ -95,8 +101,7 @@ class LongTermStore:
         forgets = list(self.pending_forgets)
         pipe = self.client.pipeline(transaction=False)
         for user in forgets:
-            pipe.delete(hist_key(user), vec_key(user))
-            pipe.srem(DIRTY, user)
+            queue_erase(pipe, user)
         for user in users:
             pipe.hmget(vec_key(user), "vec", "version", "ts", "model")
         dirty = set()
@@ -126,8 +131,7 @@ class LongTermStore:
         """Erase the user's history, vector and dirty mark (and appends still pending)."""
         self.pending = deque(((u, i) for u, i in self.pending if u != user), maxlen=PENDING_CAP)
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(hist_key(user), vec_key(user))
-        pipe.srem(DIRTY, user)
+        queue_erase(pipe, user)
         try:
             await asyncio.wait_for(pipe.execute(), self.timeout_s * 4)
         except Exception as exc:
@@ -194,6 +198,5 @@ def read_vector(client, user: str, model: str, d_model: int) -> LongTermVector |
 def forget_user(client, user: str) -> int:
     """Remove everything Redis holds about `user`; returns the number of keys deleted."""
     pipe = client.pipeline(transaction=True)
-    pipe.delete(hist_key(user), vec_key(user))
-    pipe.srem(DIRTY, user)
+    queue_erase(pipe, user)
     return int(pipe.execute()[0])
