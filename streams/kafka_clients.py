@@ -6,6 +6,7 @@ talks to Kafka through Faust/aiokafka).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from .config import Settings
@@ -71,6 +72,20 @@ def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> 
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise InfraError(f"cannot create topic {name}: {exc}") from exc
+    _await_leaders(admin, [t.topic for t in new], timeout)
+
+
+def _await_leaders(admin, topics: list[str], timeout: float) -> None:
+    """A new topic answers 'not leader' until its partitions have elected one: wait for that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metadata = admin.list_topics(timeout=timeout).topics
+        if all(t in metadata and metadata[t].partitions and not metadata[t].error and
+               all(p.leader >= 0 and not p.error for p in metadata[t].partitions.values())
+               for t in topics):
+            return
+        time.sleep(0.1)
+    raise InfraError(f"topics {topics} have no partition leaders after {timeout:.0f}s")
 
 
 def tail_consumer(settings: Settings, bootstrap: str, topic: str, timeout: float = 30.0):
@@ -85,10 +100,25 @@ def tail_consumer(settings: Settings, bootstrap: str, topic: str, timeout: float
     partitions = cons.list_topics(topic, timeout=timeout).topics[topic].partitions
     assignment = []
     for p in partitions:
-        _, high = cons.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        _, high = _with_retry(lambda: cons.get_watermark_offsets(TopicPartition(topic, p), timeout=5),
+                              timeout)
         assignment.append(TopicPartition(topic, p, high))
     cons.assign(assignment)
     return cons
+
+
+def _with_retry(call, timeout: float):
+    """Retry a client call through transient broker errors (leader elections) until `timeout`."""
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def produce(prod, topic: str, key: bytes | None, value: bytes, wait_s: float = 0.05) -> None:
