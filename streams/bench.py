@@ -31,7 +31,7 @@ from .config import Settings
 from .demo import Children, ensure_bundle
 from .errors import InfraError
 from .events import Event
-from .kafka_clients import consumer, ensure_topics, produce, producer
+from .kafka_clients import consumer, ensure_topics, produce, producer, tail_consumer
 from .endpoints import given_or_local
 from .local import LocalStack, free_port
 from .replay import read_recorded
@@ -101,14 +101,25 @@ class Bench:
         if prod.flush(120):
             raise InfraError("preload: events left undelivered")
 
-    def drain(self, s: Settings, n: int, proc=None, timeout_s: float = 120.0) -> list[tuple]:
-        """Read n outputs; returns (emitted_ts, event_ts, arrival_ms) per record."""
-        cons = consumer(s, self.kafka, f"bench-read-{uuid.uuid4().hex[:6]}",
-                        **{"fetch.min.bytes": 1, "fetch.wait.max.ms": 10})
-        cons.subscribe([s.topic_recommendations])
+    def reader(self, s: Settings):
+        """A consumer of the outputs fixed at the topic's current end (nothing earlier is read)."""
+        return tail_consumer(s, self.kafka, s.topic_recommendations)
+
+    def drain(self, s: Settings, events: list[Event], proc=None, timeout_s: float = 120.0,
+              cons=None) -> list[tuple]:
+        """Read the outputs of `events`; returns (emitted_ts, event_ts, arrival_ms) per event.
+
+        Only outputs of these events count (an earlier phase's outputs on the same topic
+        would otherwise stand in for them, with their much later arrival times).
+        """
+        if cons is None:
+            cons = consumer(s, self.kafka, f"bench-read-{uuid.uuid4().hex[:6]}",
+                            **{"fetch.min.bytes": 1, "fetch.wait.max.ms": 10})
+            cons.subscribe([s.topic_recommendations])
+        wanted = {e.event_id for e in events}
         seen, out, last = set(), [], time.monotonic()
         try:
-            while len(seen) < n:
+            while len(seen) < len(wanted):
                 # consume() waits for the whole timeout unless 1000 are queued: keep it short,
                 # or the arrival stamps (latency) gain up to the timeout
                 msgs = cons.consume(1000, 0.005)
@@ -117,13 +128,13 @@ class Bench:
                     if msg.error():
                         continue
                     rec = orjson.loads(msg.value())
-                    if rec["event_id"] not in seen:
+                    if rec["event_id"] in wanted and rec["event_id"] not in seen:
                         seen.add(rec["event_id"])
                         out.append((rec["emitted_ts"], rec["event_ts"], arrival))
                 if msgs:
                     last = time.monotonic()
                 elif time.monotonic() - last > timeout_s:
-                    raise InfraError(f"only {len(seen)}/{n} outputs; see {self.children.log_dir}")
+                    raise InfraError(f"only {len(seen)}/{len(wanted)} outputs; see {self.children.log_dir}")
                 if proc is not None:
                     self.children.check()
         finally:
@@ -135,7 +146,7 @@ class Bench:
         self.preload(s, events)
         proc = self.children.start(f"bench-{command}-{s.app_id}", [command], self.env(s))
         try:
-            out = self.drain(s, len(events), proc)
+            out = self.drain(s, events, proc)
             usage = proc_usage(proc.pid)
         finally:
             self.children.stop()
@@ -175,17 +186,22 @@ class Bench:
         s = self.fresh()
         ensure_topics(s, self.kafka)
         proc = self.children.start(f"bench-latency-{s.app_id}", [os.environ.get("BENCH_AGENT", "worker")], self.env(s))
+        # One long-lived producer, as a real source would have: a new idempotent producer
+        # holds its first records until it has a producer id, which is not the worker's latency.
+        prod = producer(s, self.kafka, **{"linger.ms": 0})
         results = {}
         try:
-            self._warm_up(s, events[:200], proc)
+            self._paced_send(prod, s, events[:200], 200)  # warm-up: group joined, models loaded
+            self.drain(s, events[:200], proc)
             offset = 200
             for rate in rates:
                 n = int(rate * duration_s)
                 batch = events[offset:offset + n]
                 offset += n
-                sender = threading.Thread(target=self._paced_send, args=(s, batch, rate), daemon=True)
+                cons = self.reader(s)  # fixed before sending: this phase's outputs only
+                sender = threading.Thread(target=self._paced_send, args=(prod, s, batch, rate), daemon=True)
                 sender.start()
-                out = self.drain(s, len(batch), proc)
+                out = self.drain(s, batch, proc, cons=cons)
                 sender.join()
                 lat = np.array([arrival - event_ts for _, event_ts, arrival in out], dtype=np.float64)
                 results[str(rate)] = {"events": len(batch), **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1)
@@ -197,12 +213,8 @@ class Bench:
             self.children.procs.clear()
         return results
 
-    def _warm_up(self, s, events, proc) -> None:
-        self._paced_send(s, events, 200)
-        self.drain(s, len(events), proc)
-
-    def _paced_send(self, s: Settings, events: list[Event], rate: float) -> None:
-        prod = producer(s, self.kafka, **{"linger.ms": 0})
+    @staticmethod
+    def _paced_send(prod, s: Settings, events: list[Event], rate: float) -> None:
         start = time.monotonic()
         for i, e in enumerate(events):
             wait = start + i / rate - time.monotonic()
@@ -291,7 +303,11 @@ def run_bench(settings: Settings, args) -> int:
             lag = [x["lag"] or 0 for x in r["samples"]]
             result["soak"] = {"rate": args.soak_rate, "duration_s": args.soak, "samples": len(rss),
                               "rss_mb_first_last_max": [rss[0], rss[-1], max(rss)] if rss else None,
-                              "lag_max": max(lag) if lag else None, "plot": str(out.with_suffix(".png"))}
+                              "lag_max": max(lag) if lag else None,
+                              "p99_ms_per_10s_median_worst": [
+                                  float(np.median([w["p99_ms"] for w in r["latency"]])),
+                                  max(w["p99_ms"] for w in r["latency"])] if r["latency"] else None,
+                              "plot": str(out.with_suffix(".png"))}
         if "state" not in skip and args.users:
             print(f"state: {args.users} users", flush=True)
             result["state"] = bench.state_size(base, args.users)

@@ -45,7 +45,7 @@ class Settings:
     # --- worker -----------------------------------------------------------------------
     app_id: str = "interest-stream"  #: APP_ID (also the consumer group)
     batch_size: int = 256  #: BATCH_SIZE: events per micro-batch, at most
-    batch_within_s: float = 0.02  #: BATCH_WITHIN_S: wait at most this long to fill a batch
+    batch_within_s: float = 0.005  #: BATCH_WITHIN_S: wait at most this long to fill a batch (latency)
     top_k: int = 10  #: TOP_K
     fusion_mode: str = ""  #: FUSION_MODE: fixed | attention | gate; empty: the bundle's default
     fusion_alpha: float | None = None  #: FUSION_ALPHA: fixed mode's short-term weight; unset: the bundle's

@@ -4,15 +4,18 @@ One micro-batch (bounded by BATCH_SIZE and BATCH_WITHIN_S):
   1. validate every record; bad ones go to the DLQ with reason and original bytes;
   2. update each user's short-term state in the table (redeliveries change nothing);
   3. one pipelined Redis round trip: append histories, mark dirty, read long-term vectors;
-  4. one GPT call and one fusion call for the whole batch;
-  5. one recommendation per valid event on `recommendations`.
+  4. one GPT call and one fusion call for the whole batch, in the inference thread, while
+     the event loop already prepares the next batch (steps 1-3);
+  5. one recommendation per valid event on `recommendations`, in input order.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +48,7 @@ class Runtime:
     fusion_mode: str
     fixed_alpha: float
     weights: dict[str, float]
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "inference"))
 
     @classmethod
     def load(cls, settings: Settings) -> "Runtime":
@@ -92,22 +96,25 @@ class Pending:
 def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]:
     """Update the table for each valid event, in order; returns what to score."""
     row_of = rt.bundle.items.row_of
-    out = []
+    out, changed = [], {}  # user -> (the event that last changed the state, that state)
     for faust_event, event in valid:
-        # Table writes go to the changelog partition of the *current* event: set it per
-        # event, since a batch holds events of several partitions.
-        _current_event.set(weakref.ref(faust_event))
-        state = short_term_table.get(event.user_id)
+        user = event.user_id
+        state = changed[user][1] if user in changed else short_term_table.get(user)
         previous_ts = last_event_ts(state)
         new_state, is_new = update_short_term(state, event, settings.short_term_len,
                                               settings.dedup_window)
         if is_new:
-            short_term_table[event.user_id] = new_state
+            changed[user] = (faust_event, new_state)
         else:
             metrics.DUPLICATES.inc()
         rows = [row_of[i] for i in recent_items(new_state) if i in row_of]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
         out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new))
+    # One changelog record per user and batch (the last state is all a restore needs). Table
+    # writes go to the changelog partition of the *current* event, so set it per user.
+    for user, (faust_event, state) in changed.items():
+        _current_event.set(weakref.ref(faust_event))
+        short_term_table[user] = state
     return out
 
 
@@ -141,18 +148,95 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     return out
 
 
-async def process_batch(events: Sequence) -> None:
-    """Process a micro-batch; privacy controls split it so that order per user is kept."""
-    segment = []
-    for fe in events:
-        user = parse_control(fe.value)
-        if user is None:
-            segment.append(fe)
-            continue
-        await process_segment(segment)
+@dataclass
+class Prepared:
+    """A segment after validation, state updates and the Redis round trip: ready to score."""
+
+    pending: list[Pending]
+    long_vecs: dict
+    degraded: bool
+
+
+class BatchPipeline:
+    """Scores batch k in the inference thread while batch k+1 is prepared on the event loop.
+
+    onnxruntime releases the GIL, so the GPT and the fusion run on the second core while the
+    loop decodes, updates state and talks to Redis. Outputs keep their order (each batch's
+    sends wait for the previous batch's), and a record is committable only once its output is
+    sent: each message's refcount is raised when taken, so `take_events`' own ack leaves it
+    pending until `release` after the send (at-least-once holds with a batch in flight).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.in_flight: asyncio.Future | None = None
+
+    async def submit(self, events: Sequence) -> None:
+        """Take a micro-batch; privacy controls split it so that order per user is kept."""
+        for fe in events:
+            fe.message.incref()
         segment = []
-        await forget_user_state(fe, user)
-    await process_segment(segment)
+        for fe in events:
+            user = parse_control(fe.value)
+            if user is None:
+                segment.append(fe)
+                continue
+            await self.submit_segment(segment)
+            segment = []
+            await self.flush()  # the forget follows everything before it
+            await forget_user_state(fe, user)
+            self.release([fe])
+        await self.submit_segment(segment)
+
+    async def submit_segment(self, events: Sequence) -> None:
+        if not events:
+            return
+        prepared = await prepare_segment(events)
+        scoring = None
+        if prepared is not None:  # None: dead letters only, nothing to score
+            rt = runtime()
+            scoring = asyncio.get_running_loop().run_in_executor(rt.executor, score, prepared, rt)
+        previous = self.in_flight
+        self.in_flight = asyncio.ensure_future(self._publish_after(previous, events, prepared, scoring))
+        self.in_flight.add_done_callback(self._crash_on_error)
+        if previous is not None:
+            await previous  # at most one batch waits while another is scored
+
+    async def _publish_after(self, previous, events: Sequence, prepared: Prepared | None,
+                             scoring) -> None:
+        # Releases stay in input order even for a batch of dead letters only: Faust commits
+        # up to the first run of acked offsets and does not see a gap at the head (it would
+        # commit past an earlier batch still in flight).
+        if previous is not None:
+            await previous
+        if prepared is not None:
+            batch = await scoring
+            pending = prepared.pending
+            values = render_outputs(pending, batch, runtime(), prepared.long_vecs,
+                                    prepared.degraded, int(time.time() * 1000))
+            for p, value in zip(pending, values):
+                _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
+                await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
+            metrics.EVENTS_OUT.inc(len(pending))
+            if prepared.degraded:
+                metrics.DEGRADED.inc(len(pending))
+        self.release(events)
+
+    async def flush(self) -> None:
+        if self.in_flight is not None:
+            task, self.in_flight = self.in_flight, None
+            await task
+
+    def _crash_on_error(self, task: asyncio.Future) -> None:
+        """A batch that failed after the agent moved on still ends the worker (exit 1)."""
+        if not task.cancelled() and task.exception() is not None:
+            asyncio.ensure_future(self.stream.app.crash(task.exception()))
+
+    def release(self, events: Sequence) -> None:
+        on_message_out = self.stream.app.sensors.on_message_out
+        for fe in events:
+            if fe.ack():  # the last reference: the offset may now be committed
+                on_message_out(fe.message.tp, fe.message.offset, fe.message)
 
 
 async def forget_user_state(faust_event, user: str) -> None:
@@ -167,9 +251,8 @@ async def forget_user_state(faust_event, user: str) -> None:
     log.info("forgot a user (state tombstoned, long-term data erased)")
 
 
-async def process_segment(events: Sequence) -> None:
-    if not events:
-        return
+async def prepare_segment(events: Sequence) -> Prepared | None:
+    """Validate (bad records to the DLQ), update state, one Redis round trip."""
     rt = runtime()
     now_ms = int(time.time() * 1000)
     metrics.EVENTS_IN.inc(len(events))
@@ -186,7 +269,7 @@ async def process_segment(events: Sequence) -> None:
         await dlq_topic.send(key=msg.key, value=dlq_record(
             result, fe.value, msg.topic, msg.partition, msg.offset, now_ms))
     if not valid:
-        return
+        return None
     pending = apply_state(valid, rt)
     users = list(dict.fromkeys(p.event.user_id for p in pending))
     long_vecs, degraded = None, rt.store is None
@@ -198,27 +281,30 @@ async def process_segment(events: Sequence) -> None:
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
-    long_vecs = long_vecs or {}
+    return Prepared(pending, long_vecs or {}, degraded)
+
+
+def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
+    """The GPT and the fusion for a whole segment (runs in the inference thread)."""
     started = time.perf_counter()
+    pending, long_vecs = prepared.pending, prepared.long_vecs
     batch = rt.recommender.recommend(
         [p.rows for p in pending],
-        [long_vecs[u].vec if u in long_vecs else None for u in (p.event.user_id for p in pending)],
+        [long_vecs[p.event.user_id].vec if p.event.user_id in long_vecs else None for p in pending],
         [p.dt_s for p in pending], [p.rows for p in pending],
         rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    values = render_outputs(pending, batch, rt, long_vecs, degraded, int(time.time() * 1000))
-    for p, value in zip(pending, values):
-        _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
-        await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
-    metrics.EVENTS_OUT.inc(len(pending))
-    if degraded:
-        metrics.DEGRADED.inc(len(pending))
+    return batch
 
 
 @app.agent(events_topic, name="recommend")
 async def recommend(stream):
-    async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-        await process_batch(events)
+    pipeline = BatchPipeline(stream)
+    try:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            await pipeline.submit(events)
+    finally:
+        await pipeline.flush()
 
 
 @app.task
