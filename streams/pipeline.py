@@ -29,7 +29,7 @@ from .bundle import Bundle, load_bundle
 from .config import Settings
 from .endpoints import resolve_redis
 from .events import Event, EventRules, decode_event, dlq_record, parse_control
-from .inference import RecommendationBatch, Recommender
+from .inference import RecommendationBatch, Recommender, ScoringInputs
 from .longterm import LongTermStore, history_entry, redis_client
 from .state import last_event_ts, recent_items, update_short_term
 
@@ -155,6 +155,7 @@ class Prepared:
     pending: list[Pending]
     long_vecs: dict
     degraded: bool
+    inputs: ScoringInputs  # built here, on the loop: the inference thread only runs onnxruntime
 
 
 class BatchPipeline:
@@ -252,7 +253,7 @@ async def forget_user_state(faust_event, user: str) -> None:
 
 
 async def prepare_segment(events: Sequence) -> Prepared | None:
-    """Validate (bad records to the DLQ), update state, one Redis round trip."""
+    """Validate (bad records to the DLQ), update state, one Redis round trip, the models' inputs."""
     rt = runtime()
     now_ms = int(time.time() * 1000)
     metrics.EVENTS_IN.inc(len(events))
@@ -281,18 +282,19 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
-    return Prepared(pending, long_vecs or {}, degraded)
+    long_vecs = long_vecs or {}
+    inputs = rt.recommender.inputs(
+        [p.rows for p in pending],
+        [long_vecs[p.event.user_id].vec if p.event.user_id in long_vecs else None for p in pending],
+        [p.dt_s for p in pending], [p.rows for p in pending],
+        rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
+    return Prepared(pending, long_vecs, degraded, inputs)
 
 
 def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
     """The GPT and the fusion for a whole segment (runs in the inference thread)."""
     started = time.perf_counter()
-    pending, long_vecs = prepared.pending, prepared.long_vecs
-    batch = rt.recommender.recommend(
-        [p.rows for p in pending],
-        [long_vecs[p.event.user_id].vec if p.event.user_id in long_vecs else None for p in pending],
-        [p.dt_s for p in pending], [p.rows for p in pending],
-        rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
+    batch = rt.recommender.score(prepared.inputs)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
     return batch
 

@@ -49,7 +49,7 @@ def fake_steps(monkeypatch):
         if not valid:
             return None  # dead letters only
         return pipeline.Prepared([SimpleNamespace(faust_event=fe, event=SimpleNamespace(
-            user_id=f"u{fe.message.offset}")) for fe in valid], {}, False)
+            user_id=f"u{fe.message.offset}")) for fe in valid], {}, False, None)
 
     def score(prepared, rt):
         time.sleep(0.05)  # the inference thread is slower than the loop
