@@ -216,7 +216,7 @@ class BatchPipeline:
             values = render_outputs(pending, batch, runtime(), prepared.long_vecs,
                                     prepared.degraded, int(time.time() * 1000))
             for p, value in zip(pending, values):
-                _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
+                _current_event.set(weakref.ref(p.faust_event))  # exactly-once: its transaction
                 await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
             metrics.EVENTS_OUT.inc(len(pending))
             if prepared.degraded:
