@@ -14,8 +14,22 @@ from types import SimpleNamespace
 
 import pytest
 
-os.environ.setdefault("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")  # the App is built, never started
-from streams import pipeline  # noqa: E402
+
+
+def _import_pipeline():
+    """streams.pipeline builds the Faust App (never started here), which wants a broker address;
+    give it one for the import only, so that no other test sees it in the environment."""
+    saved = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    os.environ.setdefault("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    try:
+        from streams import pipeline
+    finally:
+        if saved is None:
+            del os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    return pipeline
+
+
+pipeline = _import_pipeline()
 
 
 class FakeMessage:
