@@ -234,10 +234,19 @@ class BatchPipeline:
             asyncio.ensure_future(self.stream.app.crash(task.exception()))
 
     def release(self, events: Sequence) -> None:
-        on_message_out = self.stream.app.sensors.on_message_out
+        """Make the records committable, in input order, unless a rebalance came in between.
+
+        After a rebalance Faust seeks to the committed offsets and reads those records again;
+        an ack from the old generation would mark an offset done before its new turn, and
+        Faust, which commits the first run of acked offsets, could then step over records not
+        yet processed again (nor flushed): a loss. The stale records are simply read again."""
+        app = self.stream.app
+        generation = app.consumer_generation_id
         for fe in events:
+            if fe.message.generation_id != generation:
+                continue
             if fe.ack():  # the last reference: the offset may now be committed
-                on_message_out(fe.message.tp, fe.message.offset, fe.message)
+                app.sensors.on_message_out(fe.message.tp, fe.message.offset, fe.message)
 
 
 async def forget_user_state(faust_event, user: str) -> None:
