@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 import faust
-import mode
 
 from .config import Settings
 from .endpoints import resolve_kafka
@@ -66,9 +65,6 @@ def create_app(settings: Settings) -> faust.App:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         table_standby_replicas=0,
-        # A crashed agent must end the process (exit 1) so that its supervisor restarts it;
-        # Faust's default keeps a worker running that no longer consumes anything.
-        agent_supervisor=mode.CrashingSupervisor,
         logging_config=None,
     )
 

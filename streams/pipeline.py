@@ -4,18 +4,15 @@ One micro-batch (bounded by BATCH_SIZE and BATCH_WITHIN_S):
   1. validate every record; bad ones go to the DLQ with reason and original bytes;
   2. update each user's short-term state in the table (redeliveries change nothing);
   3. one pipelined Redis round trip: append histories, mark dirty, read long-term vectors;
-  4. one GPT call and one fusion call for the whole batch, in the inference thread, while
-     the event loop already prepares the next batch (steps 1-3);
-  5. one recommendation per valid event on `recommendations`, in input order.
+  4. one GPT call and one fusion call for the whole batch;
+  5. one recommendation per valid event on `recommendations`.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +26,7 @@ from .bundle import Bundle, load_bundle
 from .config import Settings
 from .endpoints import resolve_redis
 from .events import Event, EventRules, decode_event, dlq_record, parse_control
-from .inference import RecommendationBatch, Recommender, ScoringInputs
+from .inference import RecommendationBatch, Recommender
 from .longterm import LongTermStore, history_entry, redis_client
 from .state import last_event_ts, recent_items, update_short_term
 
@@ -48,7 +45,6 @@ class Runtime:
     fusion_mode: str
     fixed_alpha: float
     weights: dict[str, float]
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "inference"))
 
     @classmethod
     def load(cls, settings: Settings) -> "Runtime":
@@ -96,25 +92,22 @@ class Pending:
 def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]:
     """Update the table for each valid event, in order; returns what to score."""
     row_of = rt.bundle.items.row_of
-    out, changed = [], {}  # user -> (the event that last changed the state, that state)
+    out = []
     for faust_event, event in valid:
-        user = event.user_id
-        state = changed[user][1] if user in changed else short_term_table.get(user)
+        # Table writes go to the changelog partition of the *current* event: set it per
+        # event, since a batch holds events of several partitions.
+        _current_event.set(weakref.ref(faust_event))
+        state = short_term_table.get(event.user_id)
         previous_ts = last_event_ts(state)
         new_state, is_new = update_short_term(state, event, settings.short_term_len,
                                               settings.dedup_window)
         if is_new:
-            changed[user] = (faust_event, new_state)
+            short_term_table[event.user_id] = new_state
         else:
             metrics.DUPLICATES.inc()
         rows = [row_of[i] for i in recent_items(new_state) if i in row_of]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
         out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new))
-    # One changelog record per user and batch (the last state is all a restore needs). Table
-    # writes go to the changelog partition of the *current* event, so set it per user.
-    for user, (faust_event, state) in changed.items():
-        _current_event.set(weakref.ref(faust_event))
-        short_term_table[user] = state
     return out
 
 
@@ -148,105 +141,18 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     return out
 
 
-@dataclass
-class Prepared:
-    """A segment after validation, state updates and the Redis round trip: ready to score."""
-
-    pending: list[Pending]
-    long_vecs: dict
-    degraded: bool
-    inputs: ScoringInputs  # built here, on the loop: the inference thread only runs onnxruntime
-
-
-class BatchPipeline:
-    """Scores batch k in the inference thread while batch k+1 is prepared on the event loop.
-
-    onnxruntime releases the GIL, so the GPT and the fusion run on the second core while the
-    loop decodes, updates state and talks to Redis. Outputs keep their order (each batch's
-    sends wait for the previous batch's), and a record is committable only once its output is
-    sent: each message's refcount is raised when taken, so `take_events`' own ack leaves it
-    pending until `release` after the send (at-least-once holds with a batch in flight).
-    """
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.in_flight: asyncio.Future | None = None
-
-    async def submit(self, events: Sequence) -> None:
-        """Take a micro-batch; privacy controls split it so that order per user is kept."""
-        for fe in events:
-            fe.message.incref()
+async def process_batch(events: Sequence) -> None:
+    """Process a micro-batch; privacy controls split it so that order per user is kept."""
+    segment = []
+    for fe in events:
+        user = parse_control(fe.value)
+        if user is None:
+            segment.append(fe)
+            continue
+        await process_segment(segment)
         segment = []
-        for fe in events:
-            user = parse_control(fe.value)
-            if user is None:
-                segment.append(fe)
-                continue
-            await self.submit_segment(segment)
-            segment = []
-            await self.flush()  # the forget follows everything before it
-            await forget_user_state(fe, user)
-            self.release([fe])
-        await self.submit_segment(segment)
-
-    async def submit_segment(self, events: Sequence) -> None:
-        if not events:
-            return
-        prepared = await prepare_segment(events)
-        scoring = None
-        if prepared is not None:  # None: dead letters only, nothing to score
-            rt = runtime()
-            scoring = asyncio.get_running_loop().run_in_executor(rt.executor, score, prepared, rt)
-        previous = self.in_flight
-        self.in_flight = asyncio.ensure_future(self._publish_after(previous, events, prepared, scoring))
-        self.in_flight.add_done_callback(self._crash_on_error)
-        if previous is not None:
-            await previous  # at most one batch waits while another is scored
-
-    async def _publish_after(self, previous, events: Sequence, prepared: Prepared | None,
-                             scoring) -> None:
-        # Releases stay in input order even for a batch of dead letters only: Faust commits
-        # up to the first run of acked offsets and does not see a gap at the head (it would
-        # commit past an earlier batch still in flight).
-        if previous is not None:
-            await previous
-        if prepared is not None:
-            batch = await scoring
-            pending = prepared.pending
-            values = render_outputs(pending, batch, runtime(), prepared.long_vecs,
-                                    prepared.degraded, int(time.time() * 1000))
-            for p, value in zip(pending, values):
-                _current_event.set(weakref.ref(p.faust_event))  # exactly-once: its transaction
-                await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
-            metrics.EVENTS_OUT.inc(len(pending))
-            if prepared.degraded:
-                metrics.DEGRADED.inc(len(pending))
-        self.release(events)
-
-    async def flush(self) -> None:
-        if self.in_flight is not None:
-            task, self.in_flight = self.in_flight, None
-            await task
-
-    def _crash_on_error(self, task: asyncio.Future) -> None:
-        """A batch that failed after the agent moved on still ends the worker (exit 1)."""
-        if not task.cancelled() and task.exception() is not None:
-            asyncio.ensure_future(self.stream.app.crash(task.exception()))
-
-    def release(self, events: Sequence) -> None:
-        """Make the records committable, in input order, unless a rebalance came in between.
-
-        After a rebalance Faust seeks to the committed offsets and reads those records again;
-        an ack from the old generation would mark an offset done before its new turn, and
-        Faust, which commits the first run of acked offsets, could then step over records not
-        yet processed again (nor flushed): a loss. The stale records are simply read again."""
-        app = self.stream.app
-        generation = app.consumer_generation_id
-        for fe in events:
-            if fe.message.generation_id != generation:
-                continue
-            if fe.ack():  # the last reference: the offset may now be committed
-                app.sensors.on_message_out(fe.message.tp, fe.message.offset, fe.message)
+        await forget_user_state(fe, user)
+    await process_segment(segment)
 
 
 async def forget_user_state(faust_event, user: str) -> None:
@@ -261,8 +167,9 @@ async def forget_user_state(faust_event, user: str) -> None:
     log.info("forgot a user (state tombstoned, long-term data erased)")
 
 
-async def prepare_segment(events: Sequence) -> Prepared | None:
-    """Validate (bad records to the DLQ), update state, one Redis round trip, the models' inputs."""
+async def process_segment(events: Sequence) -> None:
+    if not events:
+        return
     rt = runtime()
     now_ms = int(time.time() * 1000)
     metrics.EVENTS_IN.inc(len(events))
@@ -279,7 +186,7 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         await dlq_topic.send(key=msg.key, value=dlq_record(
             result, fe.value, msg.topic, msg.partition, msg.offset, now_ms))
     if not valid:
-        return None
+        return
     pending = apply_state(valid, rt)
     users = list(dict.fromkeys(p.event.user_id for p in pending))
     long_vecs, degraded = None, rt.store is None
@@ -292,30 +199,26 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
     long_vecs = long_vecs or {}
-    inputs = rt.recommender.inputs(
+    started = time.perf_counter()
+    batch = rt.recommender.recommend(
         [p.rows for p in pending],
-        [long_vecs[p.event.user_id].vec if p.event.user_id in long_vecs else None for p in pending],
+        [long_vecs[u].vec if u in long_vecs else None for u in (p.event.user_id for p in pending)],
         [p.dt_s for p in pending], [p.rows for p in pending],
         rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
-    return Prepared(pending, long_vecs, degraded, inputs)
-
-
-def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
-    """The GPT and the fusion for a whole segment (runs in the inference thread)."""
-    started = time.perf_counter()
-    batch = rt.recommender.score(prepared.inputs)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    return batch
+    values = render_outputs(pending, batch, rt, long_vecs, degraded, int(time.time() * 1000))
+    for p, value in zip(pending, values):
+        _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
+        await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
+    metrics.EVENTS_OUT.inc(len(pending))
+    if degraded:
+        metrics.DEGRADED.inc(len(pending))
 
 
 @app.agent(events_topic, name="recommend")
 async def recommend(stream):
-    pipeline = BatchPipeline(stream)
-    try:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            await pipeline.submit(events)
-    finally:
-        await pipeline.flush()
+    async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+        await process_batch(events)
 
 
 @app.task

@@ -70,9 +70,8 @@ def settings_env(settings: Settings) -> dict:
 class WorkerProcess:
     """`python -m streams worker` as a child process with its own web port and log file."""
 
-    def __init__(self, settings: Settings, log_dir: Path, name: str = "worker",
-                 argv: tuple = ("-m", "streams", "worker"), **env_overrides):
-        self.settings, self.name, self.argv = settings, name, list(argv)
+    def __init__(self, settings: Settings, log_dir: Path, name: str = "worker", **env_overrides):
+        self.settings, self.name = settings, name
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.env = settings_env(settings)
         self.env["WEB_PORT"] = str(free_port())
@@ -82,7 +81,7 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, *self.argv], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams", "worker"], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      start_new_session=True)
         return self
@@ -119,9 +118,8 @@ class WorkerProcess:
 def workers(tmp_path):
     started = []
 
-    def start(settings: Settings, ready: bool = True, argv: tuple = ("-m", "streams", "worker"),
-              **env) -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path, f"worker{len(started)}", argv, **env).start()
+    def start(settings: Settings, ready: bool = True, **env) -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path, f"worker{len(started)}", **env).start()
         started.append(worker)
         if ready:
             worker.wait_ready()

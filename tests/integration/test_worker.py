@@ -67,31 +67,3 @@ def test_bad_events_go_to_dlq_while_good_ones_flow(stack, quick_bundle, workers)
     import base64
     assert base64.b64decode(binary["payload"]) == b"\xff\xfe\x00binary"
     assert all(d["topic"] == settings.topic_events and d["offset"] >= 0 for d in dlq)
-
-
-# The worker with its scoring replaced by one that fails: a bug the agent cannot handle.
-FAILING_SCORE = """
-import sys
-import streams.pipeline as pipeline
-
-def score(prepared, rt):
-    raise RuntimeError("injected scoring failure")
-
-pipeline.score = score
-from streams.cli import main
-sys.exit(main(["worker"]))
-"""
-
-
-def test_a_failing_batch_ends_the_worker_rather_than_leaving_it_idle(stack, quick_bundle, workers):
-    """Faust's default keeps a worker whose agent crashed alive, consuming nothing."""
-    settings = unique_settings(stack, quick_bundle)
-    ensure_topics(settings, stack["kafka"])
-    worker = workers(settings, argv=("-c", FAILING_SCORE))
-    send(settings, make_events(3, items=load_bundle(quick_bundle).items.item_ids[:3]))
-    assert worker.proc.wait(60) != 0
-    assert "injected scoring failure" in worker.tail(20_000)
-    # nothing was committed for the failed batch: a healthy worker gets all three again
-    workers(settings)
-    out = collect(settings, settings.topic_recommendations, 3, settle=1.0)
-    assert len({r["event_id"] for r in out}) == 3
