@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from conftest import WorkerProcess, unique_settings
-from helpers import make_events
+from helpers import KNOWN_LOSS, make_events
 from streams.bundle import load_bundle
 from streams.kafka_clients import consumer, ensure_topics, producer
 from streams.local import LocalKafka, LocalRedis
@@ -60,18 +60,9 @@ EOS_REASON = (
     "(changelog offset above the partition's end, read_committed). Nothing is lost either way.")
 
 
-ALO_REASON = (
-    "Known loss, open in issue #7: in about half the runs on this machine 1-18 of 2,400 valid "
-    "events get no output, always early in the run (first rebalances). Faust commits the first "
-    "run of acked offsets and checks for a gap at the head only when the partition's committed "
-    "offset is non-zero (and off by one); take_events still hands over and acks records fetched "
-    "before a rebalance after Faust has seeked back. Holding acks and skipping old-generation "
-    "acks did not remove it either. Kept running so that a fix shows up as XPASS.")
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("guarantee", [
-    pytest.param("at_least_once", marks=pytest.mark.xfail(reason=ALO_REASON, strict=False)),
+    pytest.param("at_least_once", marks=pytest.mark.xfail(reason=KNOWN_LOSS, strict=False)),
     pytest.param("exactly_once", marks=pytest.mark.xfail(reason=EOS_REASON, strict=False)),
 ])
 def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
