@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import defaultdict
 import time
 import urllib.request
+from collections import defaultdict
 from pathlib import Path
 
 from .bench import Bench, proc_usage
-from .kafka_clients import producer
+from .kafka_clients import ensure_topics, producer
 
 
 def lag_from_metrics(port: int) -> float | None:
@@ -27,8 +27,6 @@ def lag_from_metrics(port: int) -> float | None:
 
 def soak(bench: Bench, events, rate: float, duration_s: float, out_json: Path, out_png: Path) -> dict:
     s = bench.fresh()
-    from .kafka_clients import ensure_topics
-
     ensure_topics(s, bench.kafka)
     env = bench.env(s)
     proc = bench.children.start(f"soak-{s.app_id}", ["worker"], env)
