@@ -72,8 +72,11 @@ def create_app(settings: Settings) -> faust.App:
 settings = Settings.from_env()
 app = create_app(settings)
 
+# At-least-once: the worker commits this topic's offsets itself (`streams.committer`), so
+# Faust's acks are off for it. Exactly-once leaves them to Faust's transactions.
 events_topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw",
-                         partitions=settings.partitions)
+                         partitions=settings.partitions,
+                         acks=settings.processing_guarantee == "exactly_once")
 recommendations_topic = app.topic(settings.topic_recommendations, key_serializer="raw",
                                   value_serializer="raw")
 dlq_topic = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw")

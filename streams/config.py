@@ -56,6 +56,7 @@ class Settings:
     max_future_skew_s: float = 300.0  #: MAX_FUTURE_SKEW_S: ts this far ahead is rejected
     processing_guarantee: str = "at_least_once"  #: PROCESSING_GUARANTEE
     commit_interval_s: float = 0.5  #: COMMIT_INTERVAL_S: offsets (and the producer) flushed this often
+    hole_check_s: float = 10.0  #: HOLE_CHECK_S: an input offset still missing after this is looked up in the log
     web_port: int = 6066  #: WEB_PORT: Faust's web server (and /metrics)
     web_host: str = "127.0.0.1"  #: WEB_HOST
     # --- long-term store --------------------------------------------------------------

@@ -23,6 +23,7 @@ from . import metrics
 from .app import app, dlq_topic, events_topic, recommendations_topic, settings
 from .app import short_term_table
 from .bundle import Bundle, load_bundle
+from .committer import Committer
 from .config import Settings
 from .endpoints import resolve_redis
 from .events import Event, EventRules, decode_event, dlq_record, parse_control
@@ -69,6 +70,16 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+# At-least-once: input offsets are committed from what was processed and delivered.
+committer = Committer(app, settings) if settings.processing_guarantee == "at_least_once" else None
+if committer is not None:
+    committer.install()
+
+
+def delivered_by(faust_event, *futures) -> None:
+    """The record is processed; its offset may be committed once `futures` are delivered."""
+    if committer is not None:
+        committer.sent(faust_event, futures)
 
 
 def runtime() -> Runtime:
@@ -152,6 +163,7 @@ async def process_batch(events: Sequence) -> None:
         await process_segment(segment)
         segment = []
         await forget_user_state(fe, user)
+        delivered_by(fe)
     await process_segment(segment)
 
 
@@ -183,8 +195,8 @@ async def process_segment(events: Sequence) -> None:
         msg = fe.message
         metrics.EVENTS_DLQ.labels(result.reason).inc()
         _current_event.set(weakref.ref(fe))  # exactly-once: send in this partition's transaction
-        await dlq_topic.send(key=msg.key, value=dlq_record(
-            result, fe.value, msg.topic, msg.partition, msg.offset, now_ms))
+        delivered_by(fe, await dlq_topic.send(key=msg.key, value=dlq_record(
+            result, fe.value, msg.topic, msg.partition, msg.offset, now_ms)))
     if not valid:
         return
     pending = apply_state(valid, rt)
@@ -209,7 +221,8 @@ async def process_segment(events: Sequence) -> None:
     values = render_outputs(pending, batch, rt, long_vecs, degraded, int(time.time() * 1000))
     for p, value in zip(pending, values):
         _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
-        await recommendations_topic.send(key=p.event.user_id.encode(), value=value)
+        delivered_by(p.faust_event,
+                     await recommendations_topic.send(key=p.event.user_id.encode(), value=value))
     metrics.EVENTS_OUT.inc(len(pending))
     if degraded:
         metrics.DEGRADED.inc(len(pending))
@@ -217,8 +230,23 @@ async def process_segment(events: Sequence) -> None:
 
 @app.agent(events_topic, name="recommend")
 async def recommend(stream):
-    async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-        await process_batch(events)
+    try:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            if committer is not None:
+                events = committer.fresh(events)
+            await process_batch(events)
+    finally:
+        if committer is not None:  # graceful stop: what was delivered is not redone
+            try:
+                await committer.commit()
+            except Exception as exc:  # the consumer may be gone already: redone on restart
+                log.warning("final offset commit failed: %r", exc)
+
+
+@app.timer(settings.commit_interval_s)
+async def commit_processed_offsets():
+    if committer is not None:
+        await committer.commit()
 
 
 @app.task

@@ -47,14 +47,3 @@ def collect(settings, topic: str, count: int, timeout: float = 60.0, settle: flo
         cons.close()
     return out
 
-
-# Why the tests that count lost outputs after a SIGKILL or a rebalance are expected to fail
-# (non-strict: they still run, and a fix shows up as XPASS). Open in issue #7.
-KNOWN_LOSS = (
-    "Known at-least-once loss, open in issue #7: in about half the runs on this machine a few "
-    "valid events (1-18 of 2,400 in the fault suite, 10 of 400 in one SIGKILL run) get no "
-    "output, always around the first rebalances. Faust commits the first run of acked offsets "
-    "and checks for a gap at the head only when the partition's committed offset is non-zero "
-    "(and then off by one); take_events still hands over and acks records fetched before a "
-    "rebalance after Faust has seeked back. Holding acks and skipping old-generation acks did "
-    "not remove it.")

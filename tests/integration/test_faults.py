@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from conftest import WorkerProcess, unique_settings
-from helpers import KNOWN_LOSS, make_events
+from helpers import make_events
 from streams.bundle import load_bundle
 from streams.kafka_clients import consumer, ensure_topics, producer
 from streams.local import LocalKafka, LocalRedis
@@ -46,7 +46,7 @@ def feed(settings, records, rate, delivered):
             time.sleep(wait)
         prod.produce(settings.topic_events, key=key, value=value,
                      on_delivery=lambda err, msg, valid=valid: delivered.append(
-                         (err, valid, msg.partition(), msg.offset())))
+                         (err, valid, msg.partition(), msg.offset(), msg.value())))
         prod.poll(0)
     assert prod.flush(180) == 0
 
@@ -62,7 +62,7 @@ EOS_REASON = (
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("guarantee", [
-    pytest.param("at_least_once", marks=pytest.mark.xfail(reason=KNOWN_LOSS, strict=False)),
+    "at_least_once",
     pytest.param("exactly_once", marks=pytest.mark.xfail(reason=EOS_REASON, strict=False)),
 ])
 def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
@@ -109,11 +109,13 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
         lost = {e.event_id for e in good} - set(got)
         dlq = read_all(settings, settings.topic_dlq)
         dlq_sources = Counter((d["partition"], d["offset"]) for d in dlq)
-        bad_sources = {(p, o) for err, valid, p, o in delivered if not valid and err is None}
+        bad_sources = {(p, o) for err, valid, p, o, _v in delivered if not valid and err is None}
         print(f"\nfaults ({guarantee}): kills={KILLS} worker_crashes={crashes} in={len(good)} valid + {len(bad_sources)} "
               f"invalid; out={len(out)} duplicated={sum(n - 1 for n in got.values())} lost={len(lost)}; "
               f"dlq={len(dlq)} (duplicated {sum(n - 1 for n in dlq_sources.values())})")
-        assert not lost, f"{len(lost)} valid events without a recommendation"
+        where = {orjson.loads(v)["event_id"]: (p, o) for err, valid, p, o, v in delivered if valid}
+        assert not lost, (f"{len(lost)} valid events without a recommendation, at (partition, "
+                          f"offset): {sorted(where.get(e, (-1, -1)) for e in lost)[:40]}")
         assert set(dlq_sources) == bad_sources  # exactly the invalid inputs
         assert_state_counts_each_event_once(final_states(settings, 25), good)
         if guarantee == "exactly_once":

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from conftest import unique_settings
-from helpers import KNOWN_LOSS, collect, make_events, send
+from helpers import collect, make_events, send
 from streams.bundle import load_bundle
 from streams.kafka_clients import consumer, ensure_topics, producer
 
@@ -64,7 +64,6 @@ def assert_state_counts_each_event_once(states: dict, events) -> None:
         assert set(state["event_ids"]) <= ids
 
 
-@pytest.mark.xfail(reason=KNOWN_LOSS, strict=False)
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_bundle, workers):
     settings = unique_settings(stack, quick_bundle, partitions=2)
     ensure_topics(settings, stack["kafka"])
@@ -86,7 +85,6 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_
     assert_state_counts_each_event_once(final_states(settings, 8), events)
 
 
-@pytest.mark.xfail(reason=KNOWN_LOSS, strict=False)
 def test_second_worker_takes_over_partitions_and_state(stack, quick_bundle, workers):
     settings = unique_settings(stack, quick_bundle, partitions=4)
     ensure_topics(settings, stack["kafka"])
