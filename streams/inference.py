@@ -53,8 +53,13 @@ class ShortTermEncoder:
         return self.encode_padded(*pad_left(sequences, self.max_len))
 
     def encode_padded(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.run(self.feeds(rows, mask))
+
+    def feeds(self, rows: np.ndarray, mask: np.ndarray) -> dict:
         """Left-padded (B, T) rows and mask; the GPT reads the newest max_len columns."""
-        feeds = {"item_rows": rows[:, -self.max_len:], "mask": mask[:, -self.max_len:]}
+        return {"item_rows": rows[:, -self.max_len:], "mask": mask[:, -self.max_len:]}
+
+    def run(self, feeds: dict) -> np.ndarray:
         (h_s,) = self.session.run(list(SHORT_TERM.outputs), feeds)
         return h_s
 
@@ -149,9 +154,8 @@ class InterestFuser:
         self.n_rows = bundle.items.n_rows
         self.max_k = int(bundle.dims["max_k"])
 
-    def fuse(
+    def feeds(
         self,
-        h_s: np.ndarray,
         h_l: np.ndarray,
         has_long: np.ndarray,
         hist_rows: np.ndarray,
@@ -161,13 +165,13 @@ class InterestFuser:
         mode: str,
         fixed_alpha: float,
         k: int,
-    ) -> RecommendationBatch:
+    ) -> dict:
+        """fusion.onnx's inputs except h_s (the GPT's output)."""
         if mode not in FUSION_MODES:
             raise ValueError(f"fusion mode {mode!r} is not one of {FUSION_MODES}")
         if not 1 <= k <= self.max_k:
             raise ValueError(f"k={k} must lie in [1, {self.max_k}] for this bundle")
-        feeds = {
-            "h_s": h_s.astype(np.float32),
+        return {
             "h_l": h_l.astype(np.float32),
             "has_long": has_long.reshape(-1, 1).astype(np.float32),
             "hist_e": self.item_long_emb[hist_rows],
@@ -177,8 +181,21 @@ class InterestFuser:
             "mode": np.eye(3, dtype=np.float32)[FUSION_MODES.index(mode)],
             "fixed_alpha": np.array([fixed_alpha], dtype=np.float32),
         }
-        fused, alpha, scores, rows = self.session.run(list(FUSION.outputs), feeds)
+
+    def run(self, h_s: np.ndarray, feeds: dict, k: int) -> RecommendationBatch:
+        fused, alpha, scores, rows = self.session.run(
+            list(FUSION.outputs), {"h_s": h_s.astype(np.float32), **feeds})
         return RecommendationBatch(fused, alpha.reshape(-1), rows[:, :k], scores[:, :k])
+
+
+@dataclass
+class ScoringInputs:
+    """The two ONNX calls' inputs. Building them is Python work that holds the GIL; running
+    them is not, so the worker builds them on its event loop and runs them in a thread."""
+
+    short_term: dict
+    fusion: dict
+    k: int
 
 
 class Recommender:
@@ -209,17 +226,24 @@ class Recommender:
         k: int,
     ) -> RecommendationBatch:
         """Score a batch: `sequences` are recent item rows (oldest first), one per user."""
+        return self.score(self.inputs(sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k))
+
+    def inputs(self, sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k) -> ScoringInputs:
         rows, mask = pad_left(sequences, 10_000)  # padded once: the GPT's input and attention's N
-        h_s = self.short_term.encode_padded(rows, mask)
-        h_l = np.zeros_like(h_s)
+        h_l = np.zeros((len(sequences), self.d_model), dtype=np.float32)
         has_long = np.zeros(len(sequences), dtype=np.float32)
         for i, vec in enumerate(long_vecs):
             if vec is not None and vec.shape == (self.d_model,):
                 h_l[i], has_long[i] = vec, 1.0
-        return self.fuser.fuse(
-            h_s, h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),
-            self.seen_mask(seen), mode, fixed_alpha, k,
-        )
+        return ScoringInputs(
+            self.short_term.feeds(rows, mask),
+            self.fuser.feeds(h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),
+                             self.seen_mask(seen), mode, fixed_alpha, k),
+            k)
+
+    def score(self, inputs: ScoringInputs) -> RecommendationBatch:
+        """The GPT, then the fusion and top-K: onnxruntime only (it releases the GIL)."""
+        return self.fuser.run(self.short_term.run(inputs.short_term), inputs.fusion, inputs.k)
 
     def popular(self, seen: Sequence[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cold start: the most popular items the user has not seen."""

@@ -22,6 +22,9 @@ REDIS_SECONDS = Histogram("redis_seconds", "Redis round trip per batch", registr
                           buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
 REDIS_UP = Gauge("redis_up", "1 when the last Redis round trip succeeded", registry=REGISTRY)
 CONSUMER_LAG = Gauge("consumer_lag", "Records behind the end of the events topic", registry=REGISTRY)
+BATCH_ERRORS = Counter("batch_errors_total",
+                       "Batches that failed after scoring (their records are processed again)",
+                       registry=REGISTRY)
 FORGOTTEN = Counter("users_forgotten_total", "Privacy erasures applied", registry=REGISTRY)
 REFRESHES = Counter("long_term_refreshed_total", "Long-term vectors recomputed", registry=REGISTRY)
 REFRESH_SECONDS = Histogram("long_term_refresh_seconds", "Duration of one refresh pass",

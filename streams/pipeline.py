@@ -4,15 +4,18 @@ One micro-batch (bounded by BATCH_SIZE and BATCH_WITHIN_S):
   1. validate every record; bad ones go to the DLQ with reason and original bytes;
   2. update each user's short-term state in the table (redeliveries change nothing);
   3. one pipelined Redis round trip: append histories, mark dirty, read long-term vectors;
-  4. one GPT call and one fusion call for the whole batch;
-  5. one recommendation per valid event on `recommendations`.
+  4. one GPT call and one fusion call for the whole batch, in the inference thread, while
+     the event loop already prepares the next batch (steps 1-3);
+  5. one recommendation per valid event on `recommendations`, in input order.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +30,7 @@ from .committer import Committer
 from .config import Settings
 from .endpoints import resolve_redis
 from .events import Event, EventRules, decode_event, dlq_record, parse_control
-from .inference import RecommendationBatch, Recommender
+from .inference import RecommendationBatch, Recommender, ScoringInputs
 from .longterm import LongTermStore, history_entry, redis_client
 from .state import last_event_ts, recent_items, update_short_term
 
@@ -46,6 +49,8 @@ class Runtime:
     fusion_mode: str
     fixed_alpha: float
     weights: dict[str, float]
+    # One thread for onnxruntime: it overlaps the event loop's work on the second core.
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
 
     @classmethod
     def load(cls, settings: Settings) -> "Runtime":
@@ -101,24 +106,27 @@ class Pending:
 
 
 def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]:
-    """Update the table for each valid event, in order; returns what to score."""
+    """Update each user's state for each valid event, in order; returns what to score."""
     row_of = rt.bundle.items.row_of
-    out = []
+    out, changed = [], {}  # user -> (the event that last changed the state, that state)
     for faust_event, event in valid:
-        # Table writes go to the changelog partition of the *current* event: set it per
-        # event, since a batch holds events of several partitions.
-        _current_event.set(weakref.ref(faust_event))
-        state = short_term_table.get(event.user_id)
+        user = event.user_id
+        state = changed[user][1] if user in changed else short_term_table.get(user)
         previous_ts = last_event_ts(state)
         new_state, is_new = update_short_term(state, event, settings.short_term_len,
                                               settings.dedup_window)
         if is_new:
-            short_term_table[event.user_id] = new_state
+            changed[user] = (faust_event, new_state)
         else:
             metrics.DUPLICATES.inc()
         rows = [row_of[i] for i in recent_items(new_state) if i in row_of]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
         out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new))
+    # One changelog record per user and batch (the last state is all a restore needs). Table
+    # writes go to the changelog partition of the *current* event, so set it per user.
+    for user, (faust_event, state) in changed.items():
+        _current_event.set(weakref.ref(faust_event))
+        short_term_table[user] = state
     return out
 
 
@@ -152,19 +160,91 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     return out
 
 
-async def process_batch(events: Sequence) -> None:
-    """Process a micro-batch; privacy controls split it so that order per user is kept."""
-    segment = []
-    for fe in events:
-        user = parse_control(fe.value)
-        if user is None:
-            segment.append(fe)
-            continue
-        await process_segment(segment)
+@dataclass
+class Prepared:
+    """A segment after validation, state updates and the Redis round trip: ready to score."""
+
+    pending: list[Pending]
+    long_vecs: dict
+    degraded: bool
+    inputs: ScoringInputs  # built on the loop: the inference thread only runs onnxruntime
+
+
+class BatchPipeline:
+    """Scores batch k in the inference thread while batch k+1 is prepared on the event loop.
+
+    onnxruntime releases the GIL, so the GPT and the fusion run on the second core while the
+    loop decodes, updates state and talks to Redis. Outputs keep input order (a batch's sends
+    wait for the previous batch's). A record's offset is committed only once its outputs are
+    delivered (`delivered_by`, `streams.committer`), so a batch in flight costs nothing in
+    at-least-once. Exactly-once leaves acks to Faust, which acks when the agent asks for the
+    next batch: there, each batch is finished before the next is taken.
+    """
+
+    def __init__(self, overlap: bool):
+        self.overlap = overlap
+        self.in_flight: asyncio.Future | None = None
+
+    async def submit(self, events: Sequence) -> None:
+        """Take a micro-batch; privacy controls split it so that order per user is kept."""
         segment = []
-        await forget_user_state(fe, user)
-        delivered_by(fe)
-    await process_segment(segment)
+        for fe in events:
+            user = parse_control(fe.value)
+            if user is None:
+                segment.append(fe)
+                continue
+            await self.submit_segment(segment)
+            segment = []
+            await self.flush()  # the forget follows everything before it
+            await forget_user_state(fe, user)
+            delivered_by(fe)
+        await self.submit_segment(segment)
+        if not self.overlap:
+            await self.flush()
+
+    async def submit_segment(self, events: Sequence) -> None:
+        if not events:
+            return
+        prepared = await prepare_segment(events)
+        scoring = None
+        if prepared is not None:  # None: dead letters only, nothing to score
+            rt = runtime()
+            scoring = asyncio.get_running_loop().run_in_executor(rt.executor, score, prepared, rt)
+        previous = self.in_flight
+        self.in_flight = asyncio.ensure_future(self._publish_after(previous, prepared, scoring))
+        if previous is not None:
+            await previous  # at most one batch waits while another is scored
+
+    async def _publish_after(self, previous, prepared: Prepared | None, scoring) -> None:
+        if previous is not None:
+            await previous
+        if prepared is None:
+            return
+        try:
+            await self._publish(prepared, await scoring)
+        except Exception:
+            # Like a failed batch of a sequential agent: its records were not delivered_by, so
+            # their offsets are not committed; they are read again once the committer sees the
+            # hole (or after a restart). The next batches go on.
+            metrics.BATCH_ERRORS.inc()
+            log.exception("a batch failed after scoring; its records will be processed again")
+
+    async def _publish(self, prepared: Prepared, batch: RecommendationBatch) -> None:
+        pending = prepared.pending
+        values = render_outputs(pending, batch, runtime(), prepared.long_vecs,
+                                prepared.degraded, int(time.time() * 1000))
+        for p, value in zip(pending, values):
+            _current_event.set(weakref.ref(p.faust_event))  # exactly-once: its transaction
+            delivered_by(p.faust_event, await recommendations_topic.send(
+                key=p.event.user_id.encode(), value=value))
+        metrics.EVENTS_OUT.inc(len(pending))
+        if prepared.degraded:
+            metrics.DEGRADED.inc(len(pending))
+
+    async def flush(self) -> None:
+        if self.in_flight is not None:
+            task, self.in_flight = self.in_flight, None
+            await task
 
 
 async def forget_user_state(faust_event, user: str) -> None:
@@ -179,9 +259,8 @@ async def forget_user_state(faust_event, user: str) -> None:
     log.info("forgot a user (state tombstoned, long-term data erased)")
 
 
-async def process_segment(events: Sequence) -> None:
-    if not events:
-        return
+async def prepare_segment(events: Sequence) -> Prepared | None:
+    """Validate (bad records to the DLQ), update state, one Redis round trip, the models' inputs."""
     rt = runtime()
     now_ms = int(time.time() * 1000)
     metrics.EVENTS_IN.inc(len(events))
@@ -198,7 +277,7 @@ async def process_segment(events: Sequence) -> None:
         delivered_by(fe, await dlq_topic.send(key=msg.key, value=dlq_record(
             result, fe.value, msg.topic, msg.partition, msg.offset, now_ms)))
     if not valid:
-        return
+        return None
     pending = apply_state(valid, rt)
     users = list(dict.fromkeys(p.event.user_id for p in pending))
     long_vecs, degraded = None, rt.store is None
@@ -211,31 +290,32 @@ async def process_segment(events: Sequence) -> None:
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
     long_vecs = long_vecs or {}
-    started = time.perf_counter()
-    batch = rt.recommender.recommend(
+    inputs = rt.recommender.inputs(
         [p.rows for p in pending],
-        [long_vecs[u].vec if u in long_vecs else None for u in (p.event.user_id for p in pending)],
+        [long_vecs[p.event.user_id].vec if p.event.user_id in long_vecs else None for p in pending],
         [p.dt_s for p in pending], [p.rows for p in pending],
         rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
+    return Prepared(pending, long_vecs, degraded, inputs)
+
+
+def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
+    """The GPT and the fusion for a whole segment (runs in the inference thread)."""
+    started = time.perf_counter()
+    batch = rt.recommender.score(prepared.inputs)
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    values = render_outputs(pending, batch, rt, long_vecs, degraded, int(time.time() * 1000))
-    for p, value in zip(pending, values):
-        _current_event.set(weakref.ref(p.faust_event))  # exactly-once: this partition's transaction
-        delivered_by(p.faust_event,
-                     await recommendations_topic.send(key=p.event.user_id.encode(), value=value))
-    metrics.EVENTS_OUT.inc(len(pending))
-    if degraded:
-        metrics.DEGRADED.inc(len(pending))
+    return batch
 
 
 @app.agent(events_topic, name="recommend")
 async def recommend(stream):
+    pipeline = BatchPipeline(overlap=committer is not None)
     try:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             if committer is not None:
                 events = committer.fresh(events)
-            await process_batch(events)
+            await pipeline.submit(events)
     finally:
+        await pipeline.flush()
         if committer is not None:  # graceful stop: what was delivered is not redone
             try:
                 await committer.commit()

@@ -1,0 +1,119 @@
+"""BatchPipeline's ordering rules, with the Kafka, Redis and model steps replaced by fakes.
+
+What the real broker shows (tests/integration/test_faults.py) depends on timing; these rules
+are checked here deterministically: outputs keep input order, a record counts as processed
+(`delivered_by`) only after its output was sent, and exactly-once mode never leaves a batch in
+flight when the agent takes the next one.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+
+
+def _import_pipeline():
+    """streams.pipeline builds the Faust App (never started here), which wants a broker address;
+    give it one for the import only, so that no other test sees it in the environment."""
+    saved = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    os.environ.setdefault("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    try:
+        from streams import pipeline
+    finally:
+        if saved is None:
+            del os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    return pipeline
+
+
+pipeline = _import_pipeline()
+
+
+class FakeEvent:
+    def __init__(self, offset: int, valid: bool = True):
+        self.message = SimpleNamespace(tp=("events", 0), offset=offset)
+        self.valid, self.value = valid, b'{"event_id": "e%d"}' % offset
+
+
+@pytest.fixture
+def log(monkeypatch):
+    log: list = []
+    runtime = SimpleNamespace(executor=ThreadPoolExecutor(1))
+
+    async def prepare(events):
+        for fe in events:
+            if not fe.valid:
+                log.append(("dlq", fe.message.offset))
+                pipeline.delivered_by(fe, "dlq-future")
+        valid = [fe for fe in events if fe.valid]
+        if not valid:
+            return None  # dead letters only
+        return pipeline.Prepared([SimpleNamespace(faust_event=fe, event=SimpleNamespace(
+            user_id=f"u{fe.message.offset}")) for fe in valid], {}, False, None)
+
+    def score(prepared, rt):
+        time.sleep(0.05)  # the inference thread is slower than the loop
+        return prepared
+
+    async def send(key, value):
+        if value == 13:
+            raise RuntimeError("broker gone")
+        log.append(("send", value))
+        return f"future-{value}"
+
+    monkeypatch.setattr(pipeline, "prepare_segment", prepare)
+    monkeypatch.setattr(pipeline, "score", score)
+    monkeypatch.setattr(pipeline, "runtime", lambda: runtime)
+    monkeypatch.setattr(pipeline, "render_outputs", lambda pending, *a: [
+        p.faust_event.message.offset for p in pending])
+    monkeypatch.setattr(pipeline, "recommendations_topic", SimpleNamespace(send=send))
+    monkeypatch.setattr(pipeline, "delivered_by", lambda fe, *futures: log.append(
+        ("processed", fe.message.offset, futures)))
+    return log
+
+
+def run_batches(batches, overlap: bool, after_each=lambda: None):
+    async def run():
+        pipe = pipeline.BatchPipeline(overlap=overlap)
+        for batch in batches:
+            await pipe.submit(batch)
+            after_each()
+        await pipe.flush()
+
+    asyncio.run(run())
+
+
+def test_outputs_keep_input_order_and_count_only_once_sent(log):
+    run_batches([[FakeEvent(0), FakeEvent(1)],
+                 [FakeEvent(2, valid=False)],  # a dead letter alone, while batch 0 is scored
+                 [FakeEvent(3)]], overlap=True)
+    sends = [entry[1] for entry in log if entry[0] == "send"]
+    assert sends == [0, 1, 3]
+    for offset in (0, 1, 3):
+        assert log.index(("send", offset)) < log.index(("processed", offset, (f"future-{offset}",)))
+    assert ("processed", 2, ("dlq-future",)) in log
+
+
+def test_overlap_leaves_one_batch_in_flight(log):
+    seen_after_submit = []
+    run_batches([[FakeEvent(0)], [FakeEvent(1)]], overlap=True,
+                after_each=lambda: seen_after_submit.append(list(log)))
+    assert ("send", 0) not in seen_after_submit[0]  # batch 0 still scored when batch 1 comes
+
+
+def test_exactly_once_finishes_each_batch_before_the_next(log):
+    """Faust acks a batch when the agent asks for the next: its outputs must be sent by then."""
+    seen_after_submit = []
+    run_batches([[FakeEvent(0)], [FakeEvent(1)]], overlap=False,
+                after_each=lambda: seen_after_submit.append(list(log)))
+    assert ("send", 0) in seen_after_submit[0]
+    assert ("send", 1) in seen_after_submit[1]
+
+
+def test_a_failed_batch_is_not_counted_and_the_next_goes_on(log):
+    run_batches([[FakeEvent(12), FakeEvent(13)], [FakeEvent(14)]], overlap=True)
+    processed = [entry[1] for entry in log if entry[0] == "processed"]
+    assert processed == [12, 14]  # 13 stays undone: its offset is not committed
