@@ -116,6 +116,7 @@ class Committer:
                 log.warning("record %s@%d was never delivered: fetching again from there",
                             tp, start)
                 await self.app.consumer.seek(tp, start)
+                self.ledger.defer_hole(tp, time.monotonic())
 
     def _offsets_in_log(self, tp, start: int, end: int) -> set[int]:
         """The offsets in [start, end) that hold a record a consumer can read."""

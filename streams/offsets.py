@@ -124,6 +124,12 @@ class OffsetLedger:
                 if p.hole_since is not None and p.frontier is not None
                 and now - p.hole_since >= older_than_s}
 
+    def defer_hole(self, tp: Hashable, now: float) -> None:
+        """The missing record was asked for again: look again only after another wait."""
+        part = self.parts.get(tp)
+        if part is not None and part.hole_since is not None:
+            part.hole_since = now
+
     def revoke(self, tps: Iterable[Hashable]) -> None:
         """Forget the frontier of partitions no longer ours (kept: what is done)."""
         for tp in tps:

@@ -223,10 +223,11 @@ class BatchPipeline:
         try:
             await self._publish(prepared, await scoring)
         except Exception:
-            # Like a failed batch of a sequential agent: its records were not delivered_by, so
-            # their offsets are not committed; they are read again once the committer sees the
-            # hole (or after a restart). The next batches go on.
             metrics.BATCH_ERRORS.inc()
+            if not self.overlap:
+                raise  # exactly-once: the agent fails before Faust acks the batch
+            # Its records were not delivered_by, so their offsets are not committed; they are
+            # read again once the committer sees the hole (or after a restart).
             log.exception("a batch failed after scoring; its records will be processed again")
 
     async def _publish(self, prepared: Prepared, batch: RecommendationBatch) -> None:
@@ -316,17 +317,18 @@ async def recommend(stream):
             await pipeline.submit(events)
     finally:
         await pipeline.flush()
-        if committer is not None:  # graceful stop: what was delivered is not redone
-            try:
-                await committer.commit()
-            except Exception as exc:  # the consumer may be gone already: redone on restart
-                log.warning("final offset commit failed: %r", exc)
+        await commit_processed_offsets()  # graceful stop: what was delivered is not redone
 
 
 @app.timer(settings.commit_interval_s)
 async def commit_processed_offsets():
-    if committer is not None:
+    if committer is None:
+        return
+    try:
         await committer.commit()
+    except Exception as exc:  # broker away, a rebalance mid-commit, or stopping: redone later
+        log.warning("offset commit failed (retried every %.1f s): %r",
+                    settings.commit_interval_s, exc)
 
 
 @app.task

@@ -75,6 +75,9 @@ def test_a_failed_delivery_keeps_the_offset_undone():
     assert not ledger.seen(TP, 0)  # processed again when redelivered
     assert ledger.holes(now=20.0, older_than_s=10.0) == {TP: (0, 1)}
     assert ledger.holes(now=10.0, older_than_s=10.0) == {}
+    ledger.defer_hole(TP, now=20.0)  # asked for again at 20 s
+    assert ledger.holes(now=25.0, older_than_s=10.0) == {}
+    assert ledger.holes(now=30.0, older_than_s=10.0) == {TP: (0, 1)}
 
 
 def test_offsets_shown_absent_from_the_log_count_as_done():

@@ -117,3 +117,9 @@ def test_a_failed_batch_is_not_counted_and_the_next_goes_on(log):
     run_batches([[FakeEvent(12), FakeEvent(13)], [FakeEvent(14)]], overlap=True)
     processed = [entry[1] for entry in log if entry[0] == "processed"]
     assert processed == [12, 14]  # 13 stays undone: its offset is not committed
+
+
+def test_exactly_once_lets_a_failed_batch_fail_the_agent(log):
+    """Faust would ack it when the agent asks for the next batch: it must not go on."""
+    with pytest.raises(RuntimeError, match="broker gone"):
+        run_batches([[FakeEvent(13)]], overlap=False)
