@@ -32,7 +32,6 @@ class PartitionLedger:
         if self.frontier is None:
             return
         before = self.frontier
-        self.done = {o for o in self.done if o >= self.frontier}
         while self.frontier in self.done:
             self.done.discard(self.frontier)
             self.frontier += 1
@@ -65,6 +64,7 @@ class OffsetLedger:
         delivered, whichever generation fetched them."""
         part = self.parts.setdefault(tp, PartitionLedger())
         part.frontier = part.committed = committed
+        part.done = {o for o in part.done if o >= committed}
         part.advance(now)
 
     def seen(self, tp: Hashable, offset: int) -> bool:
@@ -101,7 +101,9 @@ class OffsetLedger:
 
     def mark_done(self, tp: Hashable, offsets: Iterable[int], now: float) -> None:
         part = self.parts.setdefault(tp, PartitionLedger())
-        part.done.update(offsets)
+        # Offsets below the frontier are done already (a late duplicate): keeping them would
+        # only grow `done`, which must hold offsets at or above the frontier.
+        part.done.update(o for o in offsets if part.frontier is None or o >= part.frontier)
         part.advance(now)
 
     def due(self, tps: Iterable[Hashable]) -> dict[Hashable, int]:

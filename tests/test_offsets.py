@@ -111,6 +111,24 @@ def test_reassignment_starts_from_the_group_offset_when_another_worker_went_furt
     assert ledger.due([TP]) == {TP: 51}
 
 
+def test_a_late_duplicate_below_the_frontier_opens_no_hole():
+    ledger = OffsetLedger()
+    ledger.assign(TP, 0, now=0.0)
+    processed(ledger, range(0, 5))
+    processed(ledger, [2], now=1.0)  # processed again after a re-seek, delivered late
+    assert ledger.parts[TP].done == set()
+    assert ledger.holes(now=100.0, older_than_s=10.0) == {}
+    assert ledger.due([TP]) == {TP: 5}
+
+
+def test_reassignment_forgets_done_offsets_below_the_new_start():
+    ledger = OffsetLedger()
+    processed(ledger, [3, 12])  # done while unassigned
+    ledger.assign(TP, 10, now=0.0)
+    assert ledger.parts[TP].done == {12}  # 3 is below the group's offset: forgotten
+    assert ledger.holes(now=20.0, older_than_s=10.0) == {TP: (10, 12)}
+
+
 def test_with_real_futures():
     async def run():
         loop = asyncio.get_running_loop()
