@@ -58,6 +58,7 @@ class Settings:
     processing_guarantee: str = "at_least_once"  #: PROCESSING_GUARANTEE
     commit_interval_s: float = 0.5  #: COMMIT_INTERVAL_S: offsets (and the producer) flushed this often
     hole_check_s: float = 10.0  #: HOLE_CHECK_S: an input offset still missing after this is looked up in the log
+    recovery_stall_s: float = 10.0  #: RECOVERY_STALL_S: a stuck changelog partition is re-read after this
     web_port: int = 6066  #: WEB_PORT: Faust's web server (and /metrics)
     web_host: str = "127.0.0.1"  #: WEB_HOST
     # --- long-term store --------------------------------------------------------------

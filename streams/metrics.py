@@ -25,6 +25,9 @@ CONSUMER_LAG = Gauge("consumer_lag", "Records behind the end of the events topic
 BATCH_ERRORS = Counter("batch_errors_total",
                        "Batches that failed after scoring (their records are processed again)",
                        registry=REGISTRY)
+RECOVERY_REREADS = Counter("recovery_rereads_total",
+                           "Changelog partitions read again after their recovery stalled",
+                           registry=REGISTRY)
 FORGOTTEN = Counter("users_forgotten_total", "Privacy erasures applied", registry=REGISTRY)
 REFRESHES = Counter("long_term_refreshed_total", "Long-term vectors recomputed", registry=REGISTRY)
 REFRESH_SECONDS = Histogram("long_term_refresh_seconds", "Duration of one refresh pass",

@@ -32,6 +32,7 @@ from .endpoints import resolve_redis
 from .events import Event, EventRules, decode_event, dlq_record, parse_control
 from .inference import RecommendationBatch, Recommender, ScoringInputs
 from .longterm import LongTermStore, history_entry, redis_client
+from .recovery_watch import RecoveryWatch
 from .state import last_event_ts, recent_items, update_short_term
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,36 @@ async def commit_processed_offsets():
     except Exception as exc:  # broker away, a rebalance mid-commit, or stopping: redone later
         log.warning("offset commit failed (retried every %.1f s): %r",
                     settings.commit_interval_s, exc)
+
+
+recovery_watch = RecoveryWatch(settings.recovery_stall_s)
+
+
+@app.timer(5.0)
+async def restart_stalled_recovery():
+    """A changelog partition the consumer read past while recovery got none of it: read it again
+    (see `streams.recovery_watch`)."""
+    recovery, consumer = app.tables.recovery, app.consumer
+    if not recovery.in_recovery:
+        recovery_watch.reset()
+        return
+    applied = {tp: recovery.active_offsets[tp] for tp in list(recovery.active_tps)}
+    highwaters = dict(recovery.active_highwaters)
+    positions = {}
+    for tp, offset in applied.items():
+        if highwaters.get(tp) is not None and offset < highwaters[tp]:
+            try:
+                positions[tp] = await asyncio.wait_for(consumer.position(tp), 2.0)
+            except Exception:  # revoked meanwhile, or no position yet: look next time
+                continue
+    for tp, offset in recovery_watch.stalled(applied, highwaters, positions, time.monotonic()).items():
+        log.warning("recovery of %s stalled: consumer at %s, recovery applied up to %d of %d; "
+                    "reading it again from %d", tp, positions[tp], applied[tp], highwaters[tp], offset)
+        metrics.RECOVERY_REREADS.inc()
+        try:
+            await consumer.seek_wait({tp: offset})
+        except Exception as exc:  # a rebalance meanwhile restarts recovery anyway
+            log.warning("re-reading %s failed: %r", tp, exc)
 
 
 @app.task
