@@ -45,7 +45,7 @@ class Settings:
     # --- worker -----------------------------------------------------------------------
     app_id: str = "interest-stream"  #: APP_ID (also the consumer group)
     batch_size: int = 256  #: BATCH_SIZE: events per micro-batch, at most
-    batch_overlap: int = 0  #: BATCH_OVERLAP: 1 scores batch k in a thread while k+1 is prepared (faster; a known Faust recovery hang, see README)
+    batch_overlap: int = 1  #: BATCH_OVERLAP: 1 scores batch k in a thread while k+1 is prepared; 0: one at a time
     batch_within_s: float = 0.005  #: BATCH_WITHIN_S: wait at most this long to fill a batch (latency)
     top_k: int = 10  #: TOP_K
     fusion_mode: str = ""  #: FUSION_MODE: fixed | attention | gate; empty: the bundle's default

@@ -310,8 +310,7 @@ def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
 
 @app.agent(events_topic, name="recommend")
 async def recommend(stream):
-    # Off by default: with a batch in flight across a rebalance, Faust's table recovery hung in
-    # 2 of 17 fault runs ("No event received for active tp"); see README.
+    # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
     pipeline = BatchPipeline(overlap=committer is not None and settings.batch_overlap == 1)
     try:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):

@@ -21,7 +21,7 @@ from test_recovery import assert_state_counts_each_event_once, final_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 KILLS = int(os.environ.get("FAULT_KILLS", "10"))
-OVERLAP = int(os.environ.get("FAULT_BATCH_OVERLAP", "0"))  # 1: the same run with BATCH_OVERLAP=1
+OVERLAP = int(os.environ.get("FAULT_BATCH_OVERLAP", "1"))  # 0: the same run with BATCH_OVERLAP=0
 
 
 def read_all(settings, topic: str, idle_s: float = 4.0) -> list:
