@@ -16,7 +16,6 @@ settings = Settings.from_env()
 app = create_app(settings)
 events_topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw",
                          partitions=settings.partitions)
-out_topic = app.topic(settings.topic_recommendations, key_serializer="raw", value_serializer="raw")
 
 
 @app.agent(events_topic, name="passthrough")
@@ -25,6 +24,7 @@ async def passthrough(stream):
         now = int(time.time() * 1000)
         for event in events:
             obj = orjson.loads(event.value)
-            await out_topic.send(key=event.key, value=orjson.dumps(
+            # straight to the producer, as the worker sends its outputs (at-least-once)
+            await app.producer.send(settings.topic_recommendations, event.key, orjson.dumps(
                 {"event_id": obj["event_id"], "user_id": obj["user_id"], "event_ts": obj["ts"],
-                 "emitted_ts": now}))
+                 "emitted_ts": now}), partition=None, timestamp=None, headers=None)

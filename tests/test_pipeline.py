@@ -58,7 +58,7 @@ def log(monkeypatch):
         time.sleep(0.05)  # the inference thread is slower than the loop
         return prepared
 
-    async def send(key, value):
+    async def send_output(topic, faust_event, key, value):
         if value == 13:
             raise RuntimeError("broker gone")
         log.append(("send", value))
@@ -69,7 +69,7 @@ def log(monkeypatch):
     monkeypatch.setattr(pipeline, "runtime", lambda: runtime)
     monkeypatch.setattr(pipeline, "render_outputs", lambda pending, *a: [
         p.faust_event.message.offset for p in pending])
-    monkeypatch.setattr(pipeline, "recommendations_topic", SimpleNamespace(send=send))
+    monkeypatch.setattr(pipeline, "send_output", send_output)
     monkeypatch.setattr(pipeline, "delivered_by", lambda fe, *futures: log.append(
         ("processed", fe.message.offset, futures)))
     return log
