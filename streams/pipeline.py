@@ -365,7 +365,8 @@ async def restart_stalled_recovery():
                 positions[tp] = await asyncio.wait_for(consumer.position(tp), 2.0)
             except Exception:  # revoked meanwhile, or no position yet: look next time
                 continue
-    for tp, offset in recovery_watch.stalled(applied, highwaters, positions, time.monotonic()).items():
+    stalled = recovery_watch.stalled(applied, highwaters, positions, time.monotonic())
+    for tp, offset in stalled.items():
         log.warning("recovery of %s stalled: consumer at %s, recovery applied up to %d of %d; "
                     "reading it again from %d", tp, positions[tp], applied[tp], highwaters[tp], offset)
         metrics.RECOVERY_REREADS.inc()

@@ -15,10 +15,7 @@ offsets it has applied), so a false alarm costs a re-read, never wrong state.
 """
 from __future__ import annotations
 
-import logging
 from typing import Hashable, Mapping
-
-log = logging.getLogger(__name__)
 
 
 class RecoveryWatch:
