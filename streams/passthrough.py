@@ -9,7 +9,7 @@ import time
 
 import orjson
 
-from .app import create_app
+from .app import create_app, send_raw
 from .config import Settings
 
 settings = Settings.from_env()
@@ -24,7 +24,7 @@ async def passthrough(stream):
         now = int(time.time() * 1000)
         for event in events:
             obj = orjson.loads(event.value)
-            # straight to the producer, as the worker sends its outputs (at-least-once)
-            await app.producer.send(settings.topic_recommendations, event.key, orjson.dumps(
+            # sent as the worker sends its outputs (at-least-once)
+            await send_raw(app, settings.topic_recommendations, event.key, orjson.dumps(
                 {"event_id": obj["event_id"], "user_id": obj["user_id"], "event_ts": obj["ts"],
-                 "emitted_ts": now}), partition=None, timestamp=None, headers=None)
+                 "emitted_ts": now}))

@@ -23,7 +23,7 @@ import orjson
 from faust.streams import _current_event
 
 from . import metrics
-from .app import app, dlq_topic, events_topic, recommendations_topic, settings
+from .app import app, dlq_topic, events_topic, recommendations_topic, send_raw, settings
 from .app import short_term_table
 from .bundle import Bundle, load_bundle
 from .committer import Committer
@@ -83,15 +83,11 @@ if committer is not None:
 
 
 async def send_output(topic, faust_event, key: bytes, value: bytes):
-    """Queue one output record; returns its delivery future.
-
-    At-least-once: straight to the producer. Faust's `Topic.send` wraps each record in its own
-    future, callbacks and sensor calls (~10% of the event loop under load), none of which we use:
-    the committer waits on the producer's futures. Exactly-once: `Topic.send`, which routes the
+    """Queue one output record; returns its delivery future. At-least-once: straight to the
+    producer (the committer waits on its futures). Exactly-once: `Topic.send`, which routes the
     record into the transaction of the event's source partition."""
     if committer is not None:
-        return await app.producer.send(topic.get_topic_name(), key, value, partition=None,
-                                       timestamp=None, headers=None)
+        return await send_raw(app, topic.get_topic_name(), key, value)
     _current_event.set(weakref.ref(faust_event))
     return await topic.send(key=key, value=value)
 
@@ -350,30 +346,7 @@ recovery_watch = RecoveryWatch(settings.recovery_stall_s)
 
 @app.timer(5.0)
 async def restart_stalled_recovery():
-    """A changelog partition the consumer read past while recovery got none of it: read it again
-    (see `streams.recovery_watch`)."""
-    recovery, consumer = app.tables.recovery, app.consumer
-    if not recovery.in_recovery:
-        recovery_watch.reset()
-        return
-    applied = {tp: recovery.active_offsets[tp] for tp in list(recovery.active_tps)}
-    highwaters = dict(recovery.active_highwaters)
-    positions = {}
-    for tp, offset in applied.items():
-        if highwaters.get(tp) is not None and offset < highwaters[tp]:
-            try:
-                positions[tp] = await asyncio.wait_for(consumer.position(tp), 2.0)
-            except Exception:  # revoked meanwhile, or no position yet: look next time
-                continue
-    stalled = recovery_watch.stalled(applied, highwaters, positions, time.monotonic())
-    for tp, offset in stalled.items():
-        log.warning("recovery of %s stalled: consumer at %s, recovery applied up to %d of %d; "
-                    "reading it again from %d", tp, positions[tp], applied[tp], highwaters[tp], offset)
-        metrics.RECOVERY_REREADS.inc()
-        try:
-            await consumer.seek_wait({tp: offset})
-        except Exception as exc:  # a rebalance meanwhile restarts recovery anyway
-            log.warning("re-reading %s failed: %r", tp, exc)
+    await recovery_watch.check(app.tables.recovery, app.consumer)
 
 
 @app.task

@@ -15,7 +15,14 @@ offsets it has applied), so a false alarm costs a re-read, never wrong state.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Hashable, Mapping
+
+from . import metrics
+
+log = logging.getLogger(__name__)
 
 
 class RecoveryWatch:
@@ -47,3 +54,28 @@ class RecoveryWatch:
                 out[tp] = offset + 1
                 self.progress[tp] = (offset, now)  # give the re-read its own time
         return out
+
+    async def check(self, recovery, consumer) -> None:
+        """One look at Faust's table recovery (`app.tables.recovery`); seeks stalled
+        partitions back. Called every few seconds by the worker."""
+        if not recovery.in_recovery:
+            self.reset()
+            return
+        applied = {tp: recovery.active_offsets[tp] for tp in list(recovery.active_tps)}
+        highwaters = dict(recovery.active_highwaters)
+        positions = {}
+        for tp, offset in applied.items():
+            if highwaters.get(tp) is not None and offset < highwaters[tp]:
+                try:
+                    positions[tp] = await asyncio.wait_for(consumer.position(tp), 2.0)
+                except Exception:  # revoked meanwhile, or no position yet: look next time
+                    continue
+        for tp, offset in self.stalled(applied, highwaters, positions, time.monotonic()).items():
+            log.warning("recovery of %s stalled: consumer at %s, recovery applied up to %d of %d; "
+                        "reading it again from %d", tp, positions[tp], applied[tp],
+                        highwaters[tp], offset)
+            metrics.RECOVERY_REREADS.inc()
+            try:
+                await consumer.seek_wait({tp: offset})
+            except Exception as exc:  # a rebalance meanwhile restarts recovery anyway
+                log.warning("re-reading %s failed: %r", tp, exc)

@@ -43,3 +43,28 @@ def test_reset_forgets_the_previous_recovery():
     watch.stalled({TP1: -1}, {TP1: 47}, {TP1: 48}, now=0.0)
     watch.reset()
     assert watch.stalled({TP1: -1}, {TP1: 47}, {TP1: 48}, now=20.0) == {}  # first sight again
+
+
+def test_check_seeks_a_stalled_partition_of_faust_recovery_back():
+    import asyncio
+    from types import SimpleNamespace
+
+    seeks = []
+
+    class Consumer:
+        async def position(self, tp):
+            return {TP1: 48, TP3: 28}[tp]
+
+        async def seek_wait(self, offsets):
+            seeks.append(offsets)
+
+    recovery = SimpleNamespace(in_recovery=True, active_tps={TP1, TP3},
+                               active_offsets={TP1: -1, TP3: 27},
+                               active_highwaters={TP1: 47, TP3: 27})
+    watch = RecoveryWatch(stall_after_s=0.0)
+    asyncio.run(watch.check(recovery, Consumer()))  # first sight
+    asyncio.run(watch.check(recovery, Consumer()))
+    assert seeks == [{TP1: 0}]  # TP3 has all it needs
+    recovery.in_recovery = False
+    asyncio.run(watch.check(recovery, Consumer()))
+    assert watch.progress == {}
