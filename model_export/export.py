@@ -103,7 +103,7 @@ def text_encoder_cases(vocab: int, seed: int = 0) -> dict[str, tuple]:
     return cases
 
 
-def fusion_cases(n_rows: int, d_model: int, seed: int = 0) -> dict[str, tuple]:
+def fusion_cases(n_rows: int, d_model: int, max_k: int, seed: int = 0) -> dict[str, tuple]:
     gen = torch.Generator().manual_seed(seed)
     cases = {}
     for batch, hist in [(1, 1), (4, 10), (32, 50)]:
@@ -117,8 +117,9 @@ def fusion_cases(n_rows: int, d_model: int, seed: int = 0) -> dict[str, tuple]:
             seen = (torch.rand(batch, n_rows, generator=gen) > 0.9).float()
             mode = torch.eye(3)[mode_index]
             alpha = torch.tensor([0.3])
+            k = torch.tensor([1 + (batch + hist + mode_index) % max_k], dtype=torch.int64)
             cases[f"B{batch}xN{hist}m{mode_index}"] = (
-                h_s, h_l, has_long, hist_e, hist_mask, dt, seen, mode, alpha)
+                h_s, h_l, has_long, hist_e, hist_mask, dt, seen, mode, alpha, k)
     return cases
 
 
@@ -127,7 +128,7 @@ def export_all(short_term, text_encoder, fusion, out: Path, n_rows: int, d_model
     """Export the three graphs into `out` and validate each; return mismatches by graph."""
     st_cases = short_term_cases(n_rows, max_len)
     te_cases = text_encoder_cases(vocab)
-    fu_cases = fusion_cases(n_rows, d_model)
+    fu_cases = fusion_cases(n_rows, d_model, fusion.max_k)
     plan = [
         ("short_term.onnx", short_term, SHORT_TERM, st_cases),
         ("text_encoder.onnx", text_encoder, TEXT_ENCODER, te_cases),

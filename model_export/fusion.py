@@ -68,10 +68,11 @@ class FusionHead(nn.Module):
         a = torch.cat([a_fixed, a_att, a_gate], dim=-1) @ mode.reshape(3, 1)  # (B, 1)
         return has_long * a + (1.0 - has_long)  # no long-term vector: short-term only
 
-    def forward(self, h_s, h_l, has_long, hist_e, hist_mask, dt, seen_mask, mode, fixed_alpha):
+    def forward(self, h_s, h_l, has_long, hist_e, hist_mask, dt, seen_mask, mode, fixed_alpha, k):
         alpha = self.alpha(h_s, h_l, has_long, hist_e, hist_mask, dt, mode, fixed_alpha)
         fused = alpha * h_s + (1.0 - alpha) * h_l  # (B, D)
         scores = fused @ self.item_emb.T  # (B, n_rows)
         scores = torch.where(seen_mask > 0.5, torch.full_like(scores, NEG), scores)
-        top_scores, top_rows = torch.topk(scores, self.max_k, dim=-1)  # (B, K)
+        # k is an input, not max_k: onnxruntime's TopK costs ~14x more at 100 than at 10.
+        top_scores, top_rows = torch.topk(scores, k.reshape(()), dim=-1)  # (B, k)
         return fused, alpha, top_scores, top_rows

@@ -43,16 +43,21 @@ class CausalSelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
+                ) -> torch.Tensor:
+        """x (B, T, C) -> (B, Tq, C): Tq = T, or 1 (the newest position's output) if last_only."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if last_only:  # every position is still a key and a value; only the newest asks
+            q, allowed = q[:, -1:], allowed[:, :, -1:]
+        Tq = q.size(1)
+        q = q.view(B, Tq, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, Tq, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, H, T, T)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, H, Tq, T)
         att = att.masked_fill(~allowed, NEG)
         att = self.attn_drop(F.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = (att @ v).transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C)
         return self.resid_drop(self.proj(y))
 
 
@@ -75,8 +80,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), allowed)
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
+                ) -> torch.Tensor:
+        residual = x[:, -1:] if last_only else x  # (B, Tq, C)
+        x = residual + self.attn(self.ln_1(x), allowed, last_only)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -102,8 +109,12 @@ class ItemGPT(nn.Module):
     def item_embeddings(self) -> torch.Tensor:
         return self.tok_emb.weight  # (n_rows, C), tied with the output layer
 
-    def forward(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """rows (B, T) int64 left-padded, mask (B, T) float -> hidden states (B, T, C)."""
+    def forward(self, rows: torch.Tensor, mask: torch.Tensor, last_only: bool = False
+                ) -> torch.Tensor:
+        """rows (B, T) int64 left-padded, mask (B, T) float -> hidden states (B, T, C).
+
+        last_only: only the newest position's state, (B, 1, C). The last block then runs its
+        attention output, projection and MLP for that position alone (the served graph)."""
         B, T = rows.shape
         real = mask > 0.5  # (B, T)
         pos = (torch.cumsum(mask, dim=1) - 1.0).clamp(min=0.0).long()  # (B, T)
@@ -111,9 +122,9 @@ class ItemGPT(nn.Module):
         x = self.drop(self.tok_emb(rows) + self.pos_emb(pos))  # (B, T, C)
         causal = torch.ones(T, T, dtype=torch.bool, device=rows.device).tril()  # (T, T)
         allowed = causal[None, None, :, :] & real[:, None, None, :]  # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, allowed)
-        return self.ln_f(x)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only and i == len(self.blocks) - 1)
+        return self.ln_f(x)  # (B, T, C), or (B, 1, C) if last_only
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.item_embeddings.T  # (..., n_rows)
@@ -127,4 +138,4 @@ class ShortTermHead(nn.Module):
         self.gpt = gpt
 
     def forward(self, item_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.gpt(item_rows, mask)[:, -1, :]  # (B, C)
+        return self.gpt(item_rows, mask, last_only=True)[:, -1, :]  # (B, C)

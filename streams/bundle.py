@@ -17,7 +17,7 @@ from .errors import BundleError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fusion.onnx takes k (top-K size) as an input
 MANIFEST = "manifest.json"
 PAD_ROW = 0  # row 0 of every item table is padding; real items start at row 1
 
@@ -60,8 +60,9 @@ FUSION = OnnxSignature(
         "seen_mask",  # (B, n_rows) 1.0 = never recommend this row
         "mode",  # (3,) one-hot over (fixed, attention, gate)
         "fixed_alpha",  # (1,) short-term weight of the fixed mode
+        "k",  # (1,) int64: how many items to return, 1..dims.max_k
     ),
-    outputs=("fused", "alpha", "top_scores", "top_rows"),  # (B,D) (B,1) (B,K) (B,K)
+    outputs=("fused", "alpha", "top_scores", "top_rows"),  # (B,D) (B,1) (B,k) (B,k)
     dynamic_axes={
         "h_s": {0: "batch"},
         "h_l": {0: "batch"},
@@ -72,8 +73,8 @@ FUSION = OnnxSignature(
         "seen_mask": {0: "batch"},
         "fused": {0: "batch"},
         "alpha": {0: "batch"},
-        "top_scores": {0: "batch"},
-        "top_rows": {0: "batch"},
+        "top_scores": {0: "batch", 1: "k"},
+        "top_rows": {0: "batch", 1: "k"},
     },
 )
 FUSION_MODES = ("fixed", "attention", "gate")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from .bundle import MANIFEST, load_bundle
+from .bundle import FORMAT_VERSION, MANIFEST, load_bundle
 from .config import Settings
 from .errors import InfraError
 from .events import Event
@@ -37,15 +37,19 @@ def ensure_bundle(settings: Settings, quick: bool) -> None:
     data = settings.data_dir if (settings.data_dir / "u.data").is_file() else None
     manifest = settings.bundle_dir / MANIFEST
     if manifest.is_file():
-        built_on = json.loads(manifest.read_text()).get("dataset")
-        if not (data is not None and built_on == "synthetic"):
+        built = json.loads(manifest.read_text())
+        if built.get("format") != FORMAT_VERSION:
+            print(f"{settings.bundle_dir} has bundle format {built.get('format')!r}, this code "
+                  f"reads {FORMAT_VERSION}: rebuilding it.")
+        elif data is not None and built.get("dataset") == "synthetic":
+            print(f"{settings.bundle_dir} was built on the synthetic stream and MovieLens is now "
+                  f"in {settings.data_dir}: rebuilding it on ml-100k.")
+        else:
             return
-        print(f"{settings.bundle_dir} was built on the synthetic stream and MovieLens is now in "
-              f"{settings.data_dir}: rebuilding it on ml-100k.")
     if data is None:
         print(f"MovieLens-100K not found in {settings.data_dir} (put u.data and u.item there, "
               f"or set DATA_DIR); building a bundle on the synthetic stream instead.")
-    print(f"No model bundle at {settings.bundle_dir}: building one (progress below).", flush=True)
+    print(f"Building the model bundle at {settings.bundle_dir} (progress below).", flush=True)
     cmd = [sys.executable, "-m", "model_export", "build", "--out", str(settings.bundle_dir),
            "--data", str(data) if data else "synthetic"] + (["--quick"] if quick else [])
     if subprocess.run(cmd).returncode != 0:

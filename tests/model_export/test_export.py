@@ -19,6 +19,18 @@ def test_short_term_parity_even_when_left_in_training_mode(tmp_path):
     assert validate(head, path, SHORT_TERM, short_term_cases(60, 16, seed=5)) == []
 
 
+def test_served_head_equals_the_full_forwards_newest_position():
+    """The exported head runs the last block for the newest position only; same numbers."""
+    gpt = ItemGPT(GPTConfig(n_rows=60, max_len=16, n_layer=3)).eval()
+    head = ShortTermHead(gpt).eval()
+    for name, (rows, mask) in short_term_cases(60, 16, seed=3).items():
+        with torch.no_grad():
+            full = gpt(rows, mask)[:, -1, :]  # (B, C) from every position's states
+            served = head(rows, mask)
+        assert served.shape == full.shape, name
+        assert torch.allclose(served, full, atol=1e-6), (name, (served - full).abs().max())
+
+
 def test_padding_does_not_change_a_users_vector(tmp_path):
     gpt = ItemGPT(GPTConfig(n_rows=30, max_len=10)).eval()
     head = ShortTermHead(gpt)
@@ -36,13 +48,30 @@ def test_fusion_parity_and_ranges(tmp_path):
     torch.manual_seed(0)
     item_emb = torch.randn(80, 16)
     head = FusionHead(item_emb, InterestGate(16), max_k=10)
-    cases = fusion_cases(80, 16)
+    cases = fusion_cases(80, 16, max_k=10)
     path = export(head, cases["B4xN10m2"], FUSION, tmp_path / "fu.onnx")
     assert validate(head, path, FUSION, cases) == []
     fused, alpha, scores, rows = head(*cases["B32xN50m1"])
-    has_long = cases["B32xN50m1"][2]
-    assert fused.shape == (32, 16) and rows.shape == (32, 10)
+    has_long, k = cases["B32xN50m1"][2], int(cases["B32xN50m1"][9])
+    assert fused.shape == (32, 16) and rows.shape == (32, k)
     assert ((alpha >= 0) & (alpha <= 1)).all()
     assert torch.all(alpha[has_long[:, 0] == 0] == 1.0)  # no long-term vector: short-term only
     seen = cases["B32xN50m1"][6]
     assert seen.gather(1, rows).sum() == 0  # seen rows never recommended
+
+
+def test_fusion_graph_returns_k_items_for_the_k_fed(tmp_path):
+    torch.manual_seed(1)
+    head = FusionHead(torch.randn(80, 16), InterestGate(16), max_k=10)
+    cases = fusion_cases(80, 16, max_k=10)
+    path = export(head, cases["B4xN10m2"], FUSION, tmp_path / "fu.onnx")
+    session = make_session(path)
+    feeds = {n: t.numpy() for n, t in zip(FUSION.inputs, cases["B32xN50m0"])}
+    top = {}
+    for k in (1, 3, 10):
+        _, _, scores, rows = session.run(None, dict(feeds, k=np.array([k], dtype=np.int64)))
+        assert scores.shape == rows.shape == (32, k)
+        assert np.all(np.diff(scores, axis=1) <= 0)  # best first
+        top[k] = scores
+    np.testing.assert_allclose(top[10][:, :3], top[3])  # a shorter list is the longer one's head
+    np.testing.assert_allclose(top[3][:, :1], top[1])
