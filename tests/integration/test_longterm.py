@@ -11,8 +11,8 @@ from helpers import collect, make_events, send
 from streams.bundle import load_bundle
 from streams.kafka_clients import ensure_topics
 from streams.local import LocalRedis
-from streams.longterm import (forget_user, hist_key, read_histories, read_vector, redis_client,
-                              take_dirty, write_vectors)
+from streams.longterm import (DIRTY, LongTermStore, forget_user, hist_key, read_histories,
+                              read_vector, redis_client, take_dirty, write_vectors)
 from streams.refresher import LongTermRefresher
 
 pytestmark = pytest.mark.integration
@@ -34,6 +34,35 @@ def test_vectors_are_versioned_and_written_whole(redis_sync):
     assert read_vector(redis_sync, "lt-user", "another-model", 8) is None
     assert forget_user(redis_sync, "lt-user") == 1
     assert read_vector(redis_sync, "lt-user", "m1", 8) is None
+
+
+def test_one_batch_reads_vectors_appends_caps_and_marks_dirty(stack, redis_sync):
+    """LongTermStore.sync_batch (the worker's one round trip per batch) in the real Redis."""
+    import asyncio
+
+    tag = str(time.time_ns())
+    a, b, c = f"a{tag}", f"b{tag}", f"c{tag}"
+    write_vectors(redis_sync, [a], np.ones((1, 4), np.float32), "m1", 1_000)
+    write_vectors(redis_sync, [c], np.ones((1, 4), np.float32), "other-model", 1_000)
+    redis_sync.rpush(hist_key(b), "old")
+
+    async def run():
+        store = LongTermStore(redis_client(stack["redis"], None, 5.0), "m1", 4, history_cap=3,
+                              timeout_s=5.0, retry_s=1.0)
+        store.pending_forgets.add(c)  # an erasure that could not be applied earlier
+        try:
+            return await store.sync_batch(
+                [(a, "1"), (b, "2"), (a, "3\t0.5"), (b, "4"), (b, "5")], [a, b, c])
+        finally:
+            await store.close()
+
+    vectors = asyncio.run(run())
+    assert set(vectors) == {a} and vectors[a].version == 1 and vectors[a].vec.tolist() == [1.0] * 4
+    assert read_histories(redis_sync, [a, b]) == [[("1", 1.0), ("3", 0.5)],
+                                                  [("2", 1.0), ("4", 1.0), ("5", 1.0)]]
+    assert redis_sync.sismember(DIRTY, a) and redis_sync.sismember(DIRTY, b)
+    assert not redis_sync.sismember(DIRTY, c) and read_vector(redis_sync, c, "other-model", 4) is None
+    redis_sync.srem(DIRTY, a, b)
 
 
 def test_refresher_advances_version_and_recommendations_change(stack, quick_bundle, workers,
