@@ -3,27 +3,32 @@
 Pure functions over plain JSON-able dicts, so the value can live in a Faust Table whose
 changelog is JSON. A redelivered event (same event_id) leaves the state unchanged.
 
-State layout::
+State layout (arrays in JSON; tuples in memory, lists after a restore from the changelog)::
 
-    {"items": [[item_id, ts_ms, event_type], ...],   # oldest first, at most N
-     "event_ids": [event_id, ...],                    # oldest first, at most M
+    {"items": ((item_id, ts_ms, event_type), ...),   # oldest first, at most N
+     "event_ids": (event_id, ...),                    # oldest first, at most M
      "n_events": int}                                 # distinct events ever applied
+
+Why tuples: a tuple of strings and ints, and then a dict of such tuples, is untracked by
+CPython's cycle collector, so a full collection skips the state entirely. With lists it
+visited every entry of every user: 14 ms per full collection with 943 users' state, 140 ms
+with 10,000, a pause on the event loop that grew with the number of users.
 """
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Sequence, TypedDict
 
 from .events import Event
 
 
 class ShortTermState(TypedDict):
-    items: list[list]
-    event_ids: list[str]
+    items: Sequence[Sequence]
+    event_ids: Sequence[str]
     n_events: int
 
 
 def empty_state() -> ShortTermState:
-    return {"items": [], "event_ids": [], "n_events": 0}
+    return {"items": (), "event_ids": (), "n_events": 0}
 
 
 def update_short_term(
@@ -33,11 +38,11 @@ def update_short_term(
     state = state or empty_state()
     if event.event_id in state["event_ids"]:
         return state, False
-    items = state["items"][-(max_items - 1):] if max_items > 1 else []
-    ids = state["event_ids"][-(max_ids - 1):] if max_ids > 1 else []
+    items = state["items"][-(max_items - 1):] if max_items > 1 else ()
+    ids = state["event_ids"][-(max_ids - 1):] if max_ids > 1 else ()
     return {
-        "items": items + [[event.item_id, event.ts, event.event_type]],
-        "event_ids": ids + [event.event_id],
+        "items": (*items, (event.item_id, event.ts, event.event_type)),
+        "event_ids": (*ids, event.event_id),
         "n_events": state["n_events"] + 1,
     }, True
 
