@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from streams.bundle import load_bundle
-from streams.inference import GPT_CHUNK, LongTermEncoder, Recommender, ShortTermEncoder, pad_left
+from streams.inference import LongTermEncoder, Recommender, pad_left
 
 
 @pytest.fixture(scope="module")
@@ -14,17 +14,6 @@ def bundle(quick_bundle):
 def test_pad_left():
     rows, mask = pad_left([[1, 2, 3], [4]], max_len=2)
     assert rows.tolist() == [[2, 3], [0, 4]] and mask.tolist() == [[1, 1], [0, 1]]
-
-
-def test_a_batch_larger_than_a_gpt_call_is_encoded_in_order(bundle):
-    encoder = ShortTermEncoder(bundle)
-    rng = np.random.default_rng(0)
-    n_rows = bundle.items.n_rows
-    seqs = [rng.integers(1, n_rows, rng.integers(1, 30)).tolist() for _ in range(2 * GPT_CHUNK + 5)]
-    batch = encoder.encode(seqs)
-    alone = np.concatenate([encoder.encode([s]) for s in seqs])
-    assert batch.shape == (len(seqs), bundle.dims["d_model"])
-    np.testing.assert_allclose(batch, alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "attention", "gate"])
