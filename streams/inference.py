@@ -199,8 +199,7 @@ class ScoringInputs:
     them is not, so the worker builds them on its event loop and runs them in a thread."""
 
     short_term: dict
-    fusion: dict
-    k: int
+    fusion: dict  # k (items per user) included
 
 
 class Recommender:
@@ -244,8 +243,7 @@ class Recommender:
         return ScoringInputs(
             self.short_term.feeds(rows, mask),
             self.fuser.feeds(h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),
-                             self.seen_mask(seen), mode, fixed_alpha, k),
-            k)
+                             self.seen_mask(seen), mode, fixed_alpha, k))
 
     def score(self, inputs: ScoringInputs) -> RecommendationBatch:
         """The GPT, then the fusion and top-K: onnxruntime only (it releases the GIL)."""
