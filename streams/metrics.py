@@ -1,9 +1,15 @@
 """Prometheus metrics of the worker and the refresher (served at /metrics)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import gc
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry()
+GCCollector(registry=REGISTRY)  # python_gc_collections_total{generation=...}: a full one pauses
+GC_FROZEN = Gauge("python_gc_frozen_objects", "Objects hidden from the cycle collector at start-up",
+                  registry=REGISTRY)
+GC_FROZEN.set_function(gc.get_freeze_count)
 
 EVENTS_IN = Counter("events_in_total", "Records read from the events topic", registry=REGISTRY)
 EVENTS_OUT = Counter("recommendations_out_total", "Recommendations published", registry=REGISTRY)

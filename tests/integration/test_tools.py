@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -63,6 +64,10 @@ def test_replay_worker_record_round_trip(stack, quick_bundle, workers, tmp_path)
     assert "recommendations_out_total 120.0" in metrics
     assert "events_duplicate_total 60.0" in metrics
     assert "inference_seconds_count" in metrics and "redis_seconds_bucket" in metrics
+    # start-up's objects are frozen (no full-collection pauses over them), and it is visible
+    frozen = re.search(r"^python_gc_frozen_objects (\S+)$", metrics, re.M)
+    assert frozen and float(frozen.group(1)) > 10_000, frozen
+    assert 'python_gc_collections_total{generation="2"}' in metrics
 
 
 def test_dashboard_in_a_real_browser(stack, quick_bundle, workers, tmp_path):
