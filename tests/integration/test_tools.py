@@ -145,3 +145,28 @@ def test_evaluate_stream_prints_online_beside_offline(stack, quick_bundle, tmp_p
     assert result["scored"] == 150  # every test event followed an earlier one of its user
     assert 0.0 <= result["online"]["hr@10"] <= 1.0
     assert set(result["offline"]) >= {"gpt", "fused_gate", "popularity"}
+
+
+def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
+    """The harness end to end at toy size; its figures are `make bench`'s, not asserted here."""
+    settings = unique_settings(stack, quick_bundle)
+    # no MovieLens: synthetic events over the quick bundle's items (with MovieLens present the
+    # harness would rebuild this synthetic bundle on it)
+    env = {**settings_env(settings), "DATA_DIR": str(tmp_path / "no-data"),
+           "STATE_DIR": str(tmp_path / "state")}
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", "bench", "--json", str(out), "--events", "1000",
+         "--rounds", "2", "--rates", "200", "--duration", "3", "--users", "300",
+         "--skip", "inference"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for agent in ("pipeline", "passthrough"):
+        assert r[agent]["events"] == 1000 and len(r[agent]["rounds_events_per_s"]) == 2
+        assert r[agent]["events_per_s"] == max(r[agent]["rounds_events_per_s"]) > 0
+    assert r["ratio"] == round(r["pipeline"]["events_per_s"] / r["passthrough"]["events_per_s"], 3)
+    lat = r["latency"]["200"]
+    assert lat["events"] == 600 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert r["pipeline"]["p99_ms"] == lat["p99_ms"]
+    assert r["state"]["users"] == 300 and r["rss_mb"] > 0
+    assert "ratio pipeline/passthrough" in done.stdout and "latency @200/s" in done.stdout
