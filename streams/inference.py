@@ -214,10 +214,13 @@ class Recommender:
 
     def seen_mask(self, seen: Sequence[Sequence[int]]) -> np.ndarray:
         """(B, n_rows) 1.0 for each user's seen rows and for row 0 (padding, never an item)."""
-        rows, _ = pad_left(seen, 10_000)  # (B, N), padded with row 0
-        mask = np.zeros((len(seen), self.bundle.items.n_rows), dtype=np.float32)
+        return self.seen_mask_padded(pad_left(seen, 10_000)[0])
+
+    def seen_mask_padded(self, rows: np.ndarray) -> np.ndarray:
+        """seen_mask of rows already left-padded with row 0, (B, N)."""
+        mask = np.zeros((len(rows), self.bundle.items.n_rows), dtype=np.float32)
         mask[:, 0] = 1.0
-        mask[np.arange(len(seen))[:, None], rows] = 1.0  # one scatter, not a loop per user
+        mask[np.arange(len(rows))[:, None], rows] = 1.0  # one scatter, not a loop per user
         return mask
 
     def recommend(
@@ -240,10 +243,12 @@ class Recommender:
         for i, vec in enumerate(long_vecs):
             if vec is not None and vec.shape == (self.d_model,):
                 h_l[i], has_long[i] = vec, 1.0
+        # the worker's seen items are its sequences: their padded rows serve the mask too
+        seen_mask = self.seen_mask_padded(rows) if seen is sequences else self.seen_mask(seen)
         return ScoringInputs(
             self.short_term.feeds(rows, mask),
             self.fuser.feeds(h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),
-                             self.seen_mask(seen), mode, fixed_alpha, k))
+                             seen_mask, mode, fixed_alpha, k))
 
     def score(self, inputs: ScoringInputs) -> RecommendationBatch:
         """The GPT, then the fusion and top-K: onnxruntime only (it releases the GIL)."""
