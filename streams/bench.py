@@ -158,7 +158,8 @@ class Bench:
                 "rss_mb": usage["rss_peak_mb"],
                 "cpu_s_per_1000": round(usage["cpu_s"] / len(events) * 1000, 3)}
 
-    def throughput_rounds(self, commands: list[str], events: list[Event], rounds: int) -> list[dict]:
+    def throughput_rounds(self, commands: list[str], events: list[Event], rounds: int
+                          ) -> list[dict]:
         """Each agent's best of `rounds` runs, the agents alternated: noise only slows a run
         (a broker still warming up its JIT and heap, a busy minute), and it hits both agents."""
         runs = {command: [] for command in commands}
@@ -337,7 +338,8 @@ def print_table(r: dict) -> None:
         def rounds(x: dict) -> str:
             return "/".join(f"{v:.0f}" for v in x.get("rounds_events_per_s", []))
 
-        rows += [("pipeline events/s (best; rounds)", f"{r['pipeline']['events_per_s']} ({rounds(r['pipeline'])})"),
+        rows += [("pipeline events/s (best; rounds)",
+                  f"{r['pipeline']['events_per_s']} ({rounds(r['pipeline'])})"),
                  ("passthrough events/s (best; rounds)",
                   f"{r['passthrough']['events_per_s']} ({rounds(r['passthrough'])})"),
                  ("ratio pipeline/passthrough", r["ratio"]),

@@ -145,7 +145,8 @@ class LocalKafka:
     def _java(self, *args: str, gc_log: bool = False) -> list[str]:
         lib = ensure_kafka_installed()
         log_gc = [f"-Xlog:gc*:file={self.root / 'gc.log'}:time,tags:filecount=10,filesize=100M"]
-        return ["java", f"-Xms{self.heap}", f"-Xmx{self.heap}", *JVM_OPTS, *(log_gc if gc_log else []),
+        return ["java", f"-Xms{self.heap}", f"-Xmx{self.heap}", *JVM_OPTS,
+                *(log_gc if gc_log else []),
                 f"-Dlog4j.configuration=file:{self.root / 'log4j.properties'}",
                 "-cp", f"{lib}/*", *args]
 
@@ -162,8 +163,9 @@ class LocalKafka:
                 raise InfraError(f"kafka storage format failed: {result.stdout}{result.stderr}")
         started = time.monotonic()
         with open(self.root / "stdout.log", "ab") as out:
-            self.proc = subprocess.Popen(self._java("kafka.Kafka", str(config), gc_log=True), stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self._java("kafka.Kafka", str(config), gc_log=True),
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self._await_ready(started, timeout)
         self.ready_seconds = time.monotonic() - started
         log.info("Kafka %s ready on %s in %.1fs", KAFKA_VERSION, self.bootstrap, self.ready_seconds)
