@@ -324,7 +324,7 @@ def run_bench(settings: Settings, args) -> int:
             print(f"state: {args.users} users", flush=True)
             result["state"] = bench.state_size(base, args.users)
     finally:
-        stack.stop()
+        stack.stop(discard_data=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print_table(result)

@@ -55,7 +55,7 @@ def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: in
         elapsed = time.monotonic() - started
     finally:
         children.stop()
-        stack.stop()
+        stack.stop(discard_data=True)
     offline = bundle.manifest.get("metrics", {})
     return {
         "bundle": bundle.version,
