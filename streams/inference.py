@@ -228,12 +228,13 @@ class Recommender:
         sequences: Sequence[Sequence[int]],
         long_vecs: Sequence[np.ndarray | None],
         dt_s: Sequence[float],
-        seen: Sequence[Sequence[int]],
+        seen: Sequence[Sequence[int]] | None,
         mode: str,
         fixed_alpha: float,
         k: int,
     ) -> RecommendationBatch:
-        """Score a batch: `sequences` are recent item rows (oldest first), one per user."""
+        """Score a batch: `sequences` are recent item rows (oldest first), one per user; `seen`
+        the rows never to recommend to each, None for the sequences' own rows."""
         return self.score(self.inputs(sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k))
 
     def inputs(self, sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k) -> ScoringInputs:
@@ -243,8 +244,8 @@ class Recommender:
         for i, vec in enumerate(long_vecs):
             if vec is not None and vec.shape == (self.d_model,):
                 h_l[i], has_long[i] = vec, 1.0
-        # the worker's seen items are its sequences: their padded rows serve the mask too
-        seen_mask = self.seen_mask_padded(rows) if seen is sequences else self.seen_mask(seen)
+        # seen None: the sequences' rows, already padded, serve the mask too (the worker's case)
+        seen_mask = self.seen_mask_padded(rows) if seen is None else self.seen_mask(seen)
         return ScoringInputs(
             self.short_term.feeds(rows, mask),
             self.fuser.feeds(h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),

@@ -301,11 +301,11 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
     long_vecs = long_vecs or {}
-    sequences = [p.rows for p in pending]  # also the seen items: the same list, padded once
     inputs = rt.recommender.inputs(
-        sequences,
+        [p.rows for p in pending],
         [long_vecs[p.event.user_id].vec if p.event.user_id in long_vecs else None for p in pending],
-        [p.dt_s for p in pending], sequences, rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
+        [p.dt_s for p in pending], None,  # seen: the recent rows themselves, padded once
+        rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
     return Prepared(pending, long_vecs, degraded, inputs)
 
 

@@ -30,7 +30,7 @@ def test_seen_mask_from_the_padded_sequences_equals_the_separate_one(bundle):
     rec = Recommender(bundle)
     seqs = [[1, 2, 3], [5], [6, 7, 7, 8, 9]]
     args = ([None] * 3, [1.0] * 3, "fixed", 0.5, 10)
-    shared = rec.inputs(seqs, args[0], args[1], seqs, *args[2:]).fusion["seen_mask"]
+    shared = rec.inputs(seqs, args[0], args[1], None, *args[2:]).fusion["seen_mask"]
     separate = rec.inputs(seqs, args[0], args[1], [list(s) for s in seqs], *args[2:])
     np.testing.assert_array_equal(shared, separate.fusion["seen_mask"])
     assert shared.sum(axis=1).tolist() == [4, 2, 5]  # distinct seen rows + row 0 (padding)
