@@ -140,3 +140,31 @@ def test_state_table_codec_reads_fausts_json_and_writes_json():
     codec = codecs.get_codec("orjson")
     assert codec.loads(codecs.get_codec("json").dumps(state)) == state
     assert json.loads(codec.dumps(state)) == state
+
+
+def test_rendered_numbers_are_the_rounded_values_in_short_form():
+    """float32 model outputs, rounded: the message carries 0.07898, not 0.07897999882698059."""
+    import orjson
+    import numpy as np
+
+    from streams.inference import RecommendationBatch
+
+    items = SimpleNamespace(item_at=lambda r: f"i{r}", title_at=lambda r: f"T{r}")
+    rt = SimpleNamespace(bundle=SimpleNamespace(items=items, version="v1"), fusion_mode="fixed")
+    batch = RecommendationBatch(
+        fused=np.array([[0.078979995, -5.8632998, 1.0], [2.5, -0.0000004, 123.456789]],
+                       dtype=np.float32),
+        alpha=np.array([0.30000001, 1.0], dtype=np.float32),
+        rows=np.array([[3, 1], [2, 0]]),
+        scores=np.array([[4.72069979, 4.66970015], [1.0, 0.5]], dtype=np.float32))
+    event = SimpleNamespace(event_id="e", user_id="u", item_id="i9", ts=5)
+    pending = [SimpleNamespace(event=event)] * 2
+    values = pipeline.render_outputs(pending, batch, rt, {}, False, 7)
+    first, second = (orjson.loads(v) for v in values)
+    assert first["interest"] == [0.07898, -5.8633, 1.0]
+    assert second["interest"] == [2.5, -0.0, 123.45679]
+    assert first["items"] == [{"item_id": "i3", "score": 4.7207, "title": "T3"},
+                              {"item_id": "i1", "score": 4.6697, "title": "T1"}]
+    assert (first["alpha"], second["alpha"]) == (0.3, 1.0)
+    assert b"0.07898," in values[0] and b"4.7207," in values[0]  # the short form on the wire
+    assert (first["event_ts"], first["emitted_ts"], first["long_term"]) == (5, 7, None)
