@@ -64,7 +64,9 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
     rec = Recommender(bundle, threads=2)
     lt = LongTermEncoder(bundle, threads=2, with_text_encoder=any("text" in r for r in rows))
     item_emb = bundle.array("item_emb")
-    max_len = int(bundle.dims["max_len"])
+    # What the worker passes: the user's recent items as its state keeps them (SHORT_TERM_LEN,
+    # 50 by default, the fusion's training history `hist_len`); the GPT reads the newest max_len.
+    recent_len = int(bundle.dims["hist_len"])
     alpha = bundle.manifest.get("fixed_alpha", 0.5) if fixed_alpha is None else fixed_alpha
     cases, skipped = test_cases(bundle, dataset)
     if not cases:
@@ -75,7 +77,7 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
     for start in range(0, len(cases), batch_size):
         batch = cases[start:start + batch_size]
         histories = [c[0] for c in batch]
-        seqs = [h[-max_len:] for h in histories]
+        seqs = [h[-recent_len:] for h in histories]
         dts = [(c[1][-1] - c[1][-2]) if len(c[1]) > 1 else 0.0 for c in batch]
         targets = np.array([c[2] for c in batch])
         seen = [sorted(set(h)) for h in histories]

@@ -35,6 +35,25 @@ def test_evaluate_counts_unknown_items_instead_of_scoring_them(quick_bundle):
         assert 0 <= row["hr@10"] <= 1 and 0 <= row["coverage@10"] <= 1
 
 
+def test_evaluate_scores_the_recent_items_the_worker_holds(quick_bundle, monkeypatch):
+    """The GPT reads its newest max_len items by itself; the rest of what the worker passes
+    (the fusion's history, the attention weight's N) is its state's recent items, up to
+    hist_len. The evaluation must pass the same, not the GPT's window."""
+    from streams.inference import Recommender
+
+    lengths, recommend = [], Recommender.recommend
+
+    def spy(self, sequences, *args):
+        lengths.extend(len(s) for s in sequences)
+        return recommend(self, sequences, *args)
+
+    monkeypatch.setattr(Recommender, "recommend", spy)
+    dims = load_bundle(quick_bundle).dims
+    ds = data.synthetic(n_users=20, n_items=240, events_per_user=45, seed=2)
+    evaluate(quick_bundle, ds, progress=False, rows=("gpt", "fused_attention"))
+    assert dims["max_len"] < max(lengths) <= dims["hist_len"]
+
+
 def test_corrupt_or_missing_bundle_names_the_file(quick_bundle, tmp_path):
     with pytest.raises(BundleError, match="manifest.json"):
         load_bundle(tmp_path / "nowhere")
