@@ -54,6 +54,12 @@ def proc_usage(pid: int) -> dict:
     return {"rss_peak_mb": round(hwm / 1024, 1), "cpu_s": (int(fields[11]) + int(fields[12])) / TICK}
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of a process's main thread (a Faust worker's event loop), from /proc."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def base_events(settings: Settings, bundle) -> list[Event]:
     if (settings.data_dir / "u.data").is_file():
         return list(read_recorded(settings.data_dir / "u.data"))
@@ -106,11 +112,12 @@ class Bench:
         return tail_consumer(s, self.kafka, s.topic_recommendations)
 
     def drain(self, s: Settings, events: list[Event], proc=None, timeout_s: float = 120.0,
-              cons=None) -> list[tuple]:
+              cons=None, on_first=None) -> list[tuple]:
         """Read the outputs of `events`; returns (emitted_ts, event_ts, arrival_ms) per event.
 
         Only outputs of these events count (an earlier phase's outputs on the same topic
-        would otherwise stand in for them, with their much later arrival times).
+        would otherwise stand in for them, with their much later arrival times). `on_first`
+        is called once, when the first of them arrives.
         """
         if cons is None:
             cons = consumer(s, self.kafka, f"bench-read-{uuid.uuid4().hex[:6]}",
@@ -129,6 +136,8 @@ class Bench:
                         continue
                     rec = orjson.loads(msg.value())
                     if rec["event_id"] in wanted and rec["event_id"] not in seen:
+                        if not seen and on_first is not None:
+                            on_first()
                         seen.add(rec["event_id"])
                         out.append((rec["emitted_ts"], rec["event_ts"], arrival))
                 if msgs:
@@ -145,8 +154,11 @@ class Bench:
         s = self.fresh()
         self.preload(s, events)
         proc = self.children.start(f"bench-{command}-{s.app_id}", [command], self.env(s))
+        loop_cpu_s = []  # the event loop's CPU seconds at the first output and after the last
         try:
-            out = self.drain(s, events, proc)
+            out = self.drain(s, events, proc,
+                             on_first=lambda: loop_cpu_s.append(main_thread_cpu_s(proc.pid)))
+            loop_cpu_s.append(main_thread_cpu_s(proc.pid))
             usage = proc_usage(proc.pid)
         finally:
             self.children.stop()
@@ -156,7 +168,9 @@ class Bench:
         return {"events": len(events), "seconds": round(seconds, 2),
                 "events_per_s": round((len(events) - 1) / seconds, 1),
                 "rss_mb": usage["rss_peak_mb"],
-                "cpu_s_per_1000": round(usage["cpu_s"] / len(events) * 1000, 3)}
+                "cpu_s_per_1000": round(usage["cpu_s"] / len(events) * 1000, 3),
+                # near 1.0: the event loop is the bound (one core, whatever the other threads do)
+                "loop_cores": round((loop_cpu_s[1] - loop_cpu_s[0]) / seconds, 2)}
 
     def throughput_rounds(self, commands: list[str], events: list[Event], rounds: int
                           ) -> list[dict]:
@@ -345,6 +359,8 @@ def print_table(r: dict) -> None:
                  ("ratio pipeline/passthrough", r["ratio"]),
                  ("broker ceiling events/s", r["broker_ceiling"]["events_per_s"]),
                  ("pipeline CPU s / 1000 events", r["pipeline"]["cpu_s_per_1000"]),
+                 ("event-loop thread cores, pipeline/passthrough",
+                  f"{r['pipeline'].get('loop_cores')}/{r['passthrough'].get('loop_cores')}"),
                  ("pipeline peak RSS MB", r["pipeline"]["rss_mb"])]
     for rate, lat in r.get("latency", {}).items():
         if isinstance(lat, dict):
