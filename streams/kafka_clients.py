@@ -88,8 +88,9 @@ def _await_leaders(admin, topics: list[str], timeout: float) -> None:
     raise InfraError(f"topics {topics} have no partition leaders after {timeout:.0f}s")
 
 
-def tail_consumer(settings: Settings, bootstrap: str, topic: str, timeout: float = 30.0):
-    """A consumer positioned at the current end of every partition of `topic`.
+def tail_consumer(settings: Settings, bootstrap: str, topics: str | list[str],
+                  timeout: float = 30.0):
+    """A consumer positioned at the current end of every partition of `topics` (existing).
 
     Unlike auto.offset.reset=latest, whose position is looked up lazily after the group join,
     this fixes the start before anything else is produced: no record written afterwards is missed.
@@ -97,12 +98,12 @@ def tail_consumer(settings: Settings, bootstrap: str, topic: str, timeout: float
     from confluent_kafka import TopicPartition
 
     cons = consumer(settings, bootstrap, f"tail-{uuid.uuid4().hex[:8]}")
-    partitions = cons.list_topics(topic, timeout=timeout).topics[topic].partitions
     assignment = []
-    for p in partitions:
-        _, high = _with_retry(lambda: cons.get_watermark_offsets(TopicPartition(topic, p), timeout=5),
-                              timeout)
-        assignment.append(TopicPartition(topic, p, high))
+    for topic in [topics] if isinstance(topics, str) else topics:
+        for p in cons.list_topics(topic, timeout=timeout).topics[topic].partitions:
+            _, high = _with_retry(
+                lambda: cons.get_watermark_offsets(TopicPartition(topic, p), timeout=5), timeout)
+            assignment.append(TopicPartition(topic, p, high))
     cons.assign(assignment)
     return cons
 

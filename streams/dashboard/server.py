@@ -11,7 +11,6 @@ import hmac
 import logging
 import threading
 import time
-import uuid
 from collections import Counter, deque
 from pathlib import Path
 
@@ -98,13 +97,19 @@ class DashboardState:
             }
 
 
-def consume_forever(settings: Settings, bootstrap: str, state: DashboardState,
-                    stop: threading.Event) -> None:
-    from ..kafka_clients import consumer
+def tail_both_topics(settings: Settings, bootstrap: str):
+    """A consumer of `recommendations` and `events.dlq` from their current ends, positions
+    fixed before the page is served: a record written once the dashboard is up is never
+    missed (auto.offset.reset=latest looks the position up after a group join, and skipped
+    what was written in between)."""
+    from ..kafka_clients import ensure_topics, tail_consumer
 
-    cons = consumer(settings, bootstrap, f"dashboard-{uuid.uuid4().hex[:8]}",
-                    **{"auto.offset.reset": "latest"})
-    cons.subscribe([settings.topic_recommendations, settings.topic_dlq])
+    ensure_topics(settings, bootstrap)
+    return tail_consumer(settings, bootstrap, [settings.topic_recommendations, settings.topic_dlq])
+
+
+def consume_forever(cons, settings: Settings, state: DashboardState,
+                    stop: threading.Event) -> None:
     try:
         while not stop.is_set():
             msg = cons.poll(0.2)
@@ -164,7 +169,8 @@ def create_app(state: DashboardState, token: str | None = None, interval_s: floa
 def run(settings: Settings, bootstrap: str) -> None:
     check_binding(settings.dashboard_host, settings.dashboard_token)
     state, stop = DashboardState(), threading.Event()
-    thread = threading.Thread(target=consume_forever, args=(settings, bootstrap, state, stop),
+    cons = tail_both_topics(settings, bootstrap)
+    thread = threading.Thread(target=consume_forever, args=(cons, settings, state, stop),
                               daemon=True)
     thread.start()
     print(f"dashboard on http://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)

@@ -28,3 +28,32 @@ def test_a_throwaway_stack_removes_its_topics_files_and_keeps_its_logs(tmp_path)
     logs = tmp_path / "stack" / "kafka"
     assert (logs / "server.log").stat().st_size > 0
     assert "Using G1" in (logs / "gc.log").read_text()  # the broker's GC log, kept
+
+
+def test_a_tail_consumer_reads_what_is_written_after_it_on_every_topic(stack):
+    """The dashboard's reader: positions fixed at the ends when it is made, not after a group
+    join, so the first record written afterwards on either topic is read, and nothing before."""
+    import time
+
+    from streams.dashboard.server import tail_both_topics
+
+    settings = unique_settings(stack)
+    ensure_topics(settings, stack["kafka"])
+    prod = producer(settings, stack["kafka"])
+    produce(prod, settings.topic_recommendations, b"u", b"before")
+    produce(prod, settings.topic_dlq, b"u", b"before")
+    assert prod.flush(30) == 0
+    cons = tail_both_topics(settings, stack["kafka"])
+    try:
+        produce(prod, settings.topic_recommendations, b"u", b"after-rec")
+        produce(prod, settings.topic_dlq, b"u", b"after-dlq")
+        assert prod.flush(30) == 0
+        seen, deadline = [], time.monotonic() + 30
+        while len(seen) < 2 and time.monotonic() < deadline:
+            msg = cons.poll(0.2)
+            if msg is not None and not msg.error():
+                seen.append((msg.topic(), msg.value()))
+        assert sorted(seen) == sorted([(settings.topic_recommendations, b"after-rec"),
+                                       (settings.topic_dlq, b"after-dlq")])
+    finally:
+        cons.close()
