@@ -46,18 +46,22 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def _cpu_s(stat: Path) -> float:
+    """User + system CPU seconds from a /proc `stat` file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def proc_usage(pid: int) -> dict:
     """Peak RSS (MB) and CPU seconds of a process, from /proc."""
     status = Path(f"/proc/{pid}/status").read_text()
     hwm = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM"))
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return {"rss_peak_mb": round(hwm / 1024, 1), "cpu_s": (int(fields[11]) + int(fields[12])) / TICK}
+    return {"rss_peak_mb": round(hwm / 1024, 1), "cpu_s": _cpu_s(Path(f"/proc/{pid}/stat"))}
 
 
 def main_thread_cpu_s(pid: int) -> float:
     """CPU seconds of a process's main thread (a Faust worker's event loop), from /proc."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return _cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def base_events(settings: Settings, bundle) -> list[Event]:

@@ -149,7 +149,7 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     Rounded in float64 before `tolist()`: a rounded float32 widened to a Python float prints
     all its binary digits (0.07897999882698059 for 0.07898), which nearly doubled the message.
     The interest vector stays float32 and orjson writes each row directly, shortest form."""
-    items = rt.bundle.items
+    items, version, mode = rt.bundle.items, rt.bundle.version, rt.fusion_mode  # once a batch
     interests = np.round(batch.fused.astype(np.float32, copy=False), 5)  # (B, D), C-contiguous
     scores = np.round(batch.scores.astype(np.float64), 4).tolist()
     alphas = np.round(batch.alpha.astype(np.float64), 4).tolist()
@@ -165,11 +165,11 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
                       for r, sc in zip(rows[i], scores[i])],
             "interest": interests[i],
             "alpha": alphas[i],
-            "fusion_mode": rt.fusion_mode,
+            "fusion_mode": mode,
             "long_term": None if lt is None else {"version": lt.version,
                                                   "age_s": round(lt.age_s(now_ms), 3)},
             "degraded": degraded,
-            "model_version": rt.bundle.version,
+            "model_version": version,
             "event_ts": p.event.ts,
             "emitted_ts": now_ms,
         }, option=orjson.OPT_SERIALIZE_NUMPY))

@@ -1,6 +1,8 @@
 """The project's own local broker: started, written to, and a throwaway stack's data removed."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from conftest import unique_settings
@@ -33,8 +35,6 @@ def test_a_throwaway_stack_removes_its_topics_files_and_keeps_its_logs(tmp_path)
 def test_a_tail_consumer_reads_what_is_written_after_it_on_every_topic(stack):
     """The dashboard's reader: positions fixed at the ends when it is made, not after a group
     join, so the first record written afterwards on either topic is read, and nothing before."""
-    import time
-
     from streams.dashboard.server import tail_both_topics
 
     settings = unique_settings(stack)
