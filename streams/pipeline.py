@@ -35,6 +35,7 @@ from .inference import RecommendationBatch, Recommender, ScoringInputs
 from .longterm import LongTermStore, history_entry, redis_client
 from .recovery_watch import RecoveryWatch
 from .state import last_event_ts, recent_items, update_short_term
+from .state_table import StateTable
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ _runtime: Runtime | None = None
 committer = Committer(app, settings) if settings.processing_guarantee == "at_least_once" else None
 if committer is not None:
     committer.install()
+# Exactly-once: table writes through Faust, inside the source partition's transaction.
+state_table = StateTable(app, short_term_table, direct=committer is not None)
 
 
 async def send_output(topic, faust_event, key: bytes, value: bytes):
@@ -117,13 +120,14 @@ class Pending:
     is_new: bool  # False for a redelivered event: state and history left unchanged
 
 
-def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]:
-    """Update each user's state for each valid event, in order; returns what to score."""
+def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pending], dict]:
+    """Update each user's state for each valid event, in order; returns what to score and, per
+    user whose state changed, (the event that last changed it, the new state)."""
     row_of = rt.bundle.items.row_of
-    out, changed = [], {}  # user -> (the event that last changed the state, that state)
+    out, changed = [], {}
     for faust_event, event in valid:
         user = event.user_id
-        state = changed[user][1] if user in changed else short_term_table.get(user)
+        state = changed[user][1] if user in changed else state_table.get(user)
         previous_ts = last_event_ts(state)
         new_state, is_new = update_short_term(state, event, settings.short_term_len,
                                               settings.dedup_window)
@@ -134,12 +138,7 @@ def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> list[Pending]
         rows = [row_of[i] for i in recent_items(new_state) if i in row_of]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
         out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new))
-    # One changelog record per user and batch (the last state is all a restore needs). Table
-    # writes go to the changelog partition of the *current* event, so set it per user.
-    for user, (faust_event, state) in changed.items():
-        _current_event.set(weakref.ref(faust_event))
-        short_term_table[user] = state
-    return out
+    return out, changed
 
 
 def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: Runtime,
@@ -265,9 +264,7 @@ class BatchPipeline:
 
 async def forget_user_state(faust_event, user: str) -> None:
     """Tombstone the user's short-term state and erase what Redis holds about them."""
-    _current_event.set(weakref.ref(faust_event))
-    if short_term_table.get(user) is not None:
-        del short_term_table[user]  # writes a tombstone to the changelog
+    await state_table.delete(faust_event, user)  # a tombstone in the changelog
     rt = runtime()
     if rt.store is not None:
         await rt.store.forget(user)
@@ -293,7 +290,10 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
             result, fe.value, msg.topic, msg.partition, msg.offset, now_ms)))
     if not valid:
         return None
-    pending = apply_state(valid, rt)
+    pending, changed = apply_state(valid, rt)
+    # One changelog record per user and batch: the last state is all a restore needs.
+    for user, (faust_event, state) in changed.items():
+        await state_table.put(faust_event, user, state)
     users = list(dict.fromkeys(p.event.user_id for p in pending))
     long_vecs, degraded = None, rt.store is None
     if rt.store is not None:

@@ -1,0 +1,60 @@
+"""Writes to the short-term state table: its memory and its changelog, one record per change.
+
+At-least-once: the worker puts the new state in the table's memory and the changelog record
+straight on the producer, as it sends its outputs: the bytes Faust's `table[key] = value`
+writes (JSON key, the table's orjson value, a null value for a delete) to the partition of the
+event that changed the state, queued in call order with every other record. Faust's own path
+queues each record in its producer buffer and publishes it later through
+`Topic.publish_message` (a FutureMessage, a done callback, sensors); in the benchmark that cost
+the event loop ~8 us per event for 0.08 changelog records per event (loop CPU 127 -> 119 us
+per event, interleaved runs).
+
+Exactly-once keeps Faust's path, which puts the records in the source partition's transaction.
+Either way a state reaches the broker before an offset it includes is committed: the
+committer flushes the producer before every commit (`streams.committer`).
+"""
+from __future__ import annotations
+
+import weakref
+
+import orjson
+from faust.streams import _current_event
+
+
+class StateTable:
+    """A Faust table of JSON values whose changelog the worker may write itself."""
+
+    def __init__(self, app, table, direct: bool) -> None:
+        self.app, self.table, self.direct = app, table, direct
+        self._topic: str | None = None  # the changelog topic's name, looked up on first write
+
+    def get(self, key: str):
+        return self.table.get(key)
+
+    async def put(self, faust_event, key: str, value) -> None:
+        """Set `key` from the record `faust_event` (its partition is the changelog's)."""
+        if not self.direct:
+            _current_event.set(weakref.ref(faust_event))
+            self.table[key] = value
+            return
+        self.table.data[key] = value
+        await self._send(faust_event, key, orjson.dumps(value))
+
+    async def delete(self, faust_event, key: str) -> bool:
+        """Remove `key` and write its tombstone; False if the table did not hold it."""
+        if self.table.get(key) is None:
+            return False
+        if not self.direct:
+            _current_event.set(weakref.ref(faust_event))
+            del self.table[key]
+            return True
+        del self.table.data[key]
+        await self._send(faust_event, key, None)
+        return True
+
+    async def _send(self, faust_event, key: str, value: bytes | None) -> None:
+        if self._topic is None:
+            self._topic = self.table.changelog_topic.get_topic_name()
+        await self.app.producer.send(self._topic, orjson.dumps(key), value,
+                                     partition=faust_event.message.partition, timestamp=None,
+                                     headers=None)
