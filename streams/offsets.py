@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from operator import methodcaller
 from typing import Hashable, Iterable
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,11 @@ class PartitionLedger:
             self.hole_since = now  # the frontier waits on a new missing offset
 
 
-@dataclass
-class Sent:
-    """A processed record whose outputs are still on their way to the broker."""
+def _failed(future) -> bool:
+    return future.cancelled() or future.exception() is not None
 
-    tp: Hashable
-    offset: int
-    futures: list
+
+_done = methodcaller("done")
 
 
 class OffsetLedger:
@@ -55,7 +54,8 @@ class OffsetLedger:
 
     def __init__(self) -> None:
         self.parts: dict[Hashable, PartitionLedger] = {}
-        self.in_flight: list[Sent] = []
+        # processed records whose outputs are on their way: ((tp, offset), delivery futures)
+        self.in_flight: list[tuple[tuple[Hashable, int], tuple]] = []
         self.in_flight_offsets: set[tuple[Hashable, int]] = set()
 
     def assign(self, tp: Hashable, committed: int, now: float) -> None:
@@ -78,24 +78,28 @@ class OffsetLedger:
 
     def sent(self, tp: Hashable, offset: int, futures: Iterable = ()) -> None:
         """The record is processed; it is done once every future in `futures` succeeded."""
-        self.in_flight.append(Sent(tp, offset, list(futures)))
-        self.in_flight_offsets.add((tp, offset))
+        key = (tp, offset)
+        self.in_flight.append((key, tuple(futures)))
+        self.in_flight_offsets.add(key)
 
     def settle(self, now: float) -> int:
         """Move records whose outputs were all delivered to done; returns how many failed
         (their offsets stay undone, so the commit stops before them)."""
-        waiting, failed = [], 0
-        for rec in self.in_flight:
-            if not all(f.done() for f in rec.futures):
-                waiting.append(rec)
+        waiting, failed, done = [], 0, {}  # done: tp -> offsets (one mark_done per partition)
+        for entry in self.in_flight:
+            key, futures = entry
+            if not all(map(_done, futures)):
+                waiting.append(entry)
                 continue
-            self.in_flight_offsets.discard((rec.tp, rec.offset))
-            if any(f.cancelled() or f.exception() is not None for f in rec.futures):
+            self.in_flight_offsets.discard(key)
+            if any(map(_failed, futures)):
                 failed += 1
                 log.warning("outputs of %s offset %d not delivered: it will be processed again",
-                            rec.tp, rec.offset)
+                            *key)
             else:
-                self.mark_done(rec.tp, [rec.offset], now)
+                done.setdefault(key[0], []).append(key[1])
+        for tp, offsets in done.items():
+            self.mark_done(tp, offsets, now)
         self.in_flight = waiting
         return failed
 

@@ -58,7 +58,9 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> "Runtime":
         bundle = load_bundle(settings.bundle_dir)
-        rules = EventRules(event_types=frozenset(settings.weights()), known_items=bundle.items,
+        # known_items: the dict itself, whose `in` is one C call (the index's is a Python one)
+        rules = EventRules(event_types=frozenset(settings.weights()),
+                           known_items=bundle.items.row_of,
                            max_payload_bytes=settings.max_payload_bytes,
                            max_future_skew_ms=int(settings.max_future_skew_s * 1000))
         url = resolve_redis(settings)
@@ -135,7 +137,9 @@ def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pe
             changed[user] = (faust_event, new_state)
         else:
             metrics.DUPLICATES.inc()
-        rows = [row_of[i] for i in recent_items(new_state) if i in row_of]
+        rows = list(map(row_of.get, recent_items(new_state)))
+        if not all(rows):  # None: an item the bundle's catalog does not have (rows are >= 1)
+            rows = [r for r in rows if r]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
         out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new))
     return out, changed

@@ -16,6 +16,7 @@ with 10,000, a pause on the event loop that grew with the number of users.
 """
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Sequence, TypedDict
 
 from .events import Event
@@ -47,9 +48,12 @@ def update_short_term(
     }, True
 
 
+_item_id = itemgetter(0)  # of an items entry (item_id, ts, event_type)
+
+
 def recent_items(state: ShortTermState | None) -> list[str]:
     """The user's recent item ids, oldest first."""
-    return [entry[0] for entry in state["items"]] if state else []
+    return list(map(_item_id, state["items"])) if state else []
 
 
 def last_event_ts(state: ShortTermState | None) -> int | None:

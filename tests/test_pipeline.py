@@ -168,3 +168,20 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
     assert (first["alpha"], second["alpha"]) == (0.3, 1.0)
     assert b"0.07898," in values[0] and b"4.7207," in values[0]  # the short form on the wire
     assert (first["event_ts"], first["emitted_ts"], first["long_term"]) == (5, 7, None)
+
+
+def test_apply_state_maps_recent_items_to_rows_and_skips_items_the_catalog_lost(monkeypatch):
+    from streams.events import Event
+
+    prior = {"items": [["7", 1000, "click"], ["gone", 2000, "view"], ["9", 3000, "click"]],
+             "event_ids": ["old"], "n_events": 3}
+    monkeypatch.setattr(pipeline, "state_table", SimpleNamespace(get={"u1": prior}.get))
+    rt = SimpleNamespace(bundle=SimpleNamespace(items=SimpleNamespace(row_of={"7": 1, "9": 2})))
+    events = [Event("new", "u1", "7", "click", 4500), Event("old", "u1", "9", "click", 3000),
+              Event("first", "u2", "9", "view", 10)]
+    pending, changed = pipeline.apply_state([(f"fe{i}", e) for i, e in enumerate(events)], rt)
+    assert [p.rows for p in pending] == [[1, 2, 1], [1, 2, 1], [2]]  # "gone" has no row
+    assert [p.is_new for p in pending] == [True, False, True]  # "old" is a redelivery
+    assert [p.dt_s for p in pending] == [1.5, 0.0, 0.0]
+    assert {user: fe for user, (fe, _) in changed.items()} == {"u1": "fe0", "u2": "fe2"}
+    assert changed["u1"][1]["n_events"] == 4
