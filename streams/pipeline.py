@@ -334,10 +334,19 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def space_young_collections() -> None:
+    """Collect the young generation every 20,000 net allocations instead of every 700 (and the
+    older ones every 20 of those): each event allocates dozens of containers, almost none in a
+    cycle, so most collections found nothing. A young collection then scans ~20,000 objects
+    (~1 ms). Worker loop CPU per event 113.7 -> 109.9 us (3 interleaved runs)."""
+    gc.set_threshold(20_000, 20, 20)
+
+
 @app.agent(events_topic, name="recommend")
 async def recommend(stream):
     runtime()  # `python -m streams worker` has loaded it; freeze it with the rest
     freeze_startup_heap()
+    space_young_collections()
     # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
     pipeline = BatchPipeline(overlap=committer is not None and settings.batch_overlap == 1)
     try:
