@@ -6,6 +6,7 @@ deserialiser would not let us do).
 """
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -58,11 +59,34 @@ async def send_raw(app: faust.App, topic: str, key: bytes | None, value: bytes):
                                    headers=None)
 
 
+def freeze_startup_heap() -> None:
+    """Hide what start-up left alive (modules, Faust's services, the models) from the cycle
+    collector: its full collections then scan only later objects. They paused the worker's
+    event loop for ~60 ms every ~10 s at 1,000 events/s; frozen, ~3.5 ms. Garbage made after
+    this is still collected; `gc.collect()` first so no garbage is frozen with the rest."""
+    gc.collect()
+    gc.freeze()
+
+
+def space_young_collections() -> None:
+    """Collect the young generation every 20,000 net allocations instead of every 700 (and the
+    older ones every 20 of those): each event allocates dozens of containers, almost none in a
+    cycle, so most collections found nothing. A young collection then scans ~20,000 objects
+    (~1 ms). Worker loop CPU per event 113.7 -> 109.9 us (3 interleaved runs)."""
+    gc.set_threshold(20_000, 20, 20)
+
+
+def settle_heap() -> None:
+    """Both agents (the worker's and the passthrough baseline's) call this once started."""
+    freeze_startup_heap()
+    space_young_collections()
+
+
 def create_app(settings: Settings) -> faust.App:
     bootstrap = resolve_kafka(settings)
     datadir = Path(settings.state_dir) / "faust" / f"{settings.app_id}-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    app = faust.App(
         settings.app_id,
         broker=f"kafka://{bootstrap}",
         broker_credentials=_credentials(settings),
@@ -96,6 +120,20 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         logging_config=None,
     )
+    app.task(_quiet_client_logs(settings))
+    return app
+
+
+def _quiet_client_logs(settings: Settings):
+    async def quiet_client_logs():
+        """Faust's worker sets the root level; aiokafka's per-message debug records cost ~8%
+        of the event loop (both agents: the passthrough baseline ran without this until
+        2026-11-28, which made the ratio look ~8% better than it was)."""
+        level = max(logging.getLevelName(settings.log_level.upper()), logging.INFO)
+        for name in ("aiokafka", "faust.transport", "faust.topics"):
+            logging.getLogger(name).setLevel(level)
+
+    return quiet_client_logs
 
 
 settings = Settings.from_env()

@@ -9,7 +9,7 @@ import time
 
 import orjson
 
-from .app import create_app, send_raw
+from .app import create_app, send_raw, settle_heap
 from .config import Settings
 
 settings = Settings.from_env()
@@ -20,6 +20,7 @@ events_topic = app.topic(settings.topic_events, key_serializer="raw", value_seri
 
 @app.agent(events_topic, name="passthrough")
 async def passthrough(stream):
+    settle_heap()  # as the worker does
     async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
         now = int(time.time() * 1000)
         for event in events:

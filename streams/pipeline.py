@@ -11,7 +11,6 @@ One micro-batch (bounded by BATCH_SIZE and BATCH_WITHIN_S):
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 import weakref
@@ -25,6 +24,7 @@ from faust.streams import _current_event
 
 from . import metrics
 from .app import app, dlq_topic, events_topic, recommendations_topic, send_raw, settings
+from .app import settle_heap
 from .app import short_term_table
 from .bundle import Bundle, load_bundle
 from .committer import Committer
@@ -325,28 +325,10 @@ def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
     return batch
 
 
-def freeze_startup_heap() -> None:
-    """Hide what start-up left alive (modules, Faust's services, the models) from the cycle
-    collector: its full collections then scan only later objects. They paused the worker's
-    event loop for ~60 ms every ~10 s at 1,000 events/s; frozen, ~3.5 ms. Garbage made after
-    this is still collected; `gc.collect()` first so no garbage is frozen with the rest."""
-    gc.collect()
-    gc.freeze()
-
-
-def space_young_collections() -> None:
-    """Collect the young generation every 20,000 net allocations instead of every 700 (and the
-    older ones every 20 of those): each event allocates dozens of containers, almost none in a
-    cycle, so most collections found nothing. A young collection then scans ~20,000 objects
-    (~1 ms). Worker loop CPU per event 113.7 -> 109.9 us (3 interleaved runs)."""
-    gc.set_threshold(20_000, 20, 20)
-
-
 @app.agent(events_topic, name="recommend")
 async def recommend(stream):
     runtime()  # `python -m streams worker` has loaded it; freeze it with the rest
-    freeze_startup_heap()
-    space_young_collections()
+    settle_heap()
     # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
     pipeline = BatchPipeline(overlap=committer is not None and settings.batch_overlap == 1)
     try:
@@ -376,14 +358,6 @@ recovery_watch = RecoveryWatch(settings.recovery_stall_s)
 @app.timer(5.0)
 async def restart_stalled_recovery():
     await recovery_watch.check(app.tables.recovery, app.consumer)
-
-
-@app.task
-async def quiet_client_logs():
-    """Faust's worker sets the root level; aiokafka's per-message debug records cost ~8% CPU."""
-    level = max(logging.getLevelName(settings.log_level.upper()), logging.INFO)
-    for name in ("aiokafka", "faust.transport", "faust.topics"):
-        logging.getLogger(name).setLevel(level)
 
 
 @app.page("/metrics")
