@@ -6,8 +6,8 @@ writes (JSON key, the table's orjson value, a null value for a delete) to the pa
 event that changed the state, queued in call order with every other record. Faust's own path
 queues each record in its producer buffer and publishes it later through
 `Topic.publish_message` (a FutureMessage, a done callback, sensors); in the benchmark that cost
-the event loop ~8 us per event for 0.08 changelog records per event (loop CPU 127 -> 119 us
-per event, interleaved runs).
+the event loop ~6 us per event for 0.08 changelog records per event (loop CPU per event
+128/132 -> 123/125 us, interleaved runs).
 
 Exactly-once keeps Faust's path, which puts the records in the source partition's transaction.
 Either way a state reaches the broker before an offset it includes is committed: the
