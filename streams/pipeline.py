@@ -24,8 +24,7 @@ from faust.streams import _current_event
 
 from . import metrics
 from .app import app, dlq_topic, events_topic, recommendations_topic, send_raw, settings
-from .app import settle_heap
-from .app import short_term_table
+from .app import settle_heap, short_term_table
 from .bundle import Bundle, load_bundle
 from .committer import Committer
 from .config import Settings
