@@ -16,6 +16,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -83,8 +84,10 @@ _runtime: Runtime | None = None
 committer = Committer(app, settings) if settings.processing_guarantee == "at_least_once" else None
 if committer is not None:
     committer.install()
+# At-least-once: the worker writes the state's changelog records itself, as its outputs.
 # Exactly-once: table writes through Faust, inside the source partition's transaction.
-state_table = StateTable(app, short_term_table, direct=committer is not None)
+state_table = StateTable(short_term_table,
+                         send=None if committer is None else partial(send_raw, app))
 
 
 async def send_output(topic, faust_event, key: bytes, value: bytes):

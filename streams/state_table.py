@@ -16,16 +16,20 @@ committer flushes the producer before every commit (`streams.committer`).
 from __future__ import annotations
 
 import weakref
+from typing import Awaitable, Callable
 
 import orjson
 from faust.streams import _current_event
 
 
 class StateTable:
-    """A Faust table of JSON values whose changelog the worker may write itself."""
+    """A Faust table of JSON values whose changelog the worker may write itself.
 
-    def __init__(self, app, table, direct: bool) -> None:
-        self.app, self.table, self.direct = app, table, direct
+    `send(topic, key, value, partition)` queues a record on the producer (`streams.app.send_raw`
+    bound to the app); None leaves the changelog to Faust's table (exactly-once)."""
+
+    def __init__(self, table, send: Callable[..., Awaitable] | None) -> None:
+        self.table, self.send = table, send
         self._topic: str | None = None  # the changelog topic's name, looked up on first write
 
     def get(self, key: str):
@@ -33,7 +37,7 @@ class StateTable:
 
     async def put(self, faust_event, key: str, value) -> None:
         """Set `key` from the record `faust_event` (its partition is the changelog's)."""
-        if not self.direct:
+        if self.send is None:
             _current_event.set(weakref.ref(faust_event))
             self.table[key] = value
             return
@@ -44,7 +48,7 @@ class StateTable:
         """Remove `key` and write its tombstone; False if the table did not hold it."""
         if self.table.get(key) is None:
             return False
-        if not self.direct:
+        if self.send is None:
             _current_event.set(weakref.ref(faust_event))
             del self.table[key]
             return True
@@ -55,6 +59,4 @@ class StateTable:
     async def _send(self, faust_event, key: str, value: bytes | None) -> None:
         if self._topic is None:
             self._topic = self.table.changelog_topic.get_topic_name()
-        await self.app.producer.send(self._topic, orjson.dumps(key), value,
-                                     partition=faust_event.message.partition, timestamp=None,
-                                     headers=None)
+        await self.send(self._topic, orjson.dumps(key), value, faust_event.message.partition)

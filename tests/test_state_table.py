@@ -1,7 +1,7 @@
 """StateTable's own changelog writes carry the bytes Faust's table would write.
 
-The table is the worker's real Faust table (never started); the producer is a fake that
-records what it is given. That the records restore is shown on the real broker
+The table is the worker's real Faust table (never started); the send function is a fake
+that records what it is given. That the records restore is shown on the real broker
 (tests/integration/test_recovery.py, test_privacy_security.py, test_faults.py).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ class RecordingProducer:
     def __init__(self):
         self.sent = []
 
-    async def send(self, topic, key, value, *, partition, timestamp, headers):
+    async def send(self, topic, key, value, partition):
         self.sent.append((topic, key, value, partition))
         return asyncio.get_running_loop().create_future()
 
@@ -29,7 +29,7 @@ class RecordingProducer:
 def direct():
     table = pipeline.short_term_table
     producer = RecordingProducer()
-    states = StateTable(SimpleNamespace(producer=producer), table, direct=True)
+    states = StateTable(table, send=producer.send)
     yield states, producer, table
     table.data.clear()
 
