@@ -174,7 +174,9 @@ class Bench:
                 "rss_mb": usage["rss_peak_mb"],
                 "cpu_s_per_1000": round(usage["cpu_s"] / len(events) * 1000, 3),
                 # near 1.0: the event loop is the bound (one core, whatever the other threads do)
-                "loop_cores": round((loop_cpu_s[1] - loop_cpu_s[0]) / seconds, 2)}
+                "loop_cores": round((loop_cpu_s[1] - loop_cpu_s[0]) / seconds, 2),
+                # the event loop's CPU per event: moves far less from run to run than events/s
+                "loop_us_per_event": round((loop_cpu_s[1] - loop_cpu_s[0]) * 1e6 / len(events), 1)}
 
     def throughput_rounds(self, commands: list[str], events: list[Event], rounds: int
                           ) -> list[dict]:
@@ -309,6 +311,9 @@ def run_bench(settings: Settings, args) -> int:
                 ["passthrough", "worker"], events, args.rounds)
             result["ratio"] = round(result["pipeline"]["events_per_s"] /
                                     result["passthrough"]["events_per_s"], 3)
+            # the same ratio from the event loop's CPU per event (each agent's best round)
+            result["loop_cpu_ratio"] = round(result["passthrough"]["loop_us_per_event"] /
+                                             max(result["pipeline"]["loop_us_per_event"], 1e-9), 3)
             result["broker_ceiling"] = bench.broker_ceiling(events)
             result["rss_mb"] = result["pipeline"]["rss_mb"]
         if "latency" not in skip:
@@ -365,6 +370,9 @@ def print_table(r: dict) -> None:
                  ("pipeline CPU s / 1000 events", r["pipeline"]["cpu_s_per_1000"]),
                  ("event-loop thread cores, pipeline/passthrough",
                   f"{r['pipeline'].get('loop_cores')}/{r['passthrough'].get('loop_cores')}"),
+                 ("event-loop CPU us/event, pipeline/passthrough (ratio)",
+                  f"{r['pipeline'].get('loop_us_per_event')}/"
+                  f"{r['passthrough'].get('loop_us_per_event')} ({r.get('loop_cpu_ratio')})"),
                  ("pipeline peak RSS MB", r["pipeline"]["rss_mb"])]
     for rate, lat in r.get("latency", {}).items():
         if isinstance(lat, dict):

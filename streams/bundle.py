@@ -109,28 +109,28 @@ class ItemIndex:
     titles: tuple[str, ...]
     texts: tuple[str, ...]
     row_of: dict[str, int]
+    # index = row, row 0 (padding) None: what the worker renders, one tuple index per field
+    ids_by_row: tuple[str | None, ...]
+    titles_by_row: tuple[str | None, ...]
 
     @classmethod
     def from_records(cls, records: list[dict]) -> "ItemIndex":
         ids = tuple(str(r["item_id"]) for r in records)
         if len(set(ids)) != len(ids):
             raise BundleError("items.json lists an item_id twice; rebuild the bundle")
+        titles = tuple(r.get("title", "") for r in records)
         return cls(
             item_ids=ids,
-            titles=tuple(r.get("title", "") for r in records),
+            titles=titles,
             texts=tuple(r.get("text", "") for r in records),
             row_of={item: row for row, item in enumerate(ids, start=1)},
+            ids_by_row=(None, *ids),
+            titles_by_row=(None, *titles),
         )
 
     @property
     def n_rows(self) -> int:
         return len(self.item_ids) + 1
-
-    def item_at(self, row: int) -> str:
-        return self.item_ids[row - 1]
-
-    def title_at(self, row: int) -> str:
-        return self.titles[row - 1]
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self.row_of

@@ -154,28 +154,30 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     Rounded in float64 before `tolist()`: a rounded float32 widened to a Python float prints
     all its binary digits (0.07897999882698059 for 0.07898), which nearly doubled the message.
     The interest vector stays float32 and orjson writes each row directly, shortest form."""
-    items, version, mode = rt.bundle.items, rt.bundle.version, rt.fusion_mode  # once a batch
+    ids, titles = rt.bundle.items.ids_by_row, rt.bundle.items.titles_by_row  # once a batch
+    version, mode = rt.bundle.version, rt.fusion_mode
     interests = np.round(batch.fused.astype(np.float32, copy=False), 5)  # (B, D), C-contiguous
     scores = np.round(batch.scores.astype(np.float64), 4).tolist()
     alphas = np.round(batch.alpha.astype(np.float64), 4).tolist()
-    rows = batch.rows.tolist()
     out = []
-    for i, p in enumerate(pending):
-        lt = long_vecs.get(p.event.user_id)
+    for p, rows, row_scores, interest, alpha in zip(pending, batch.rows.tolist(), scores,
+                                                    interests, alphas):
+        event = p.event
+        lt = long_vecs.get(event.user_id)
         out.append(orjson.dumps({
-            "event_id": p.event.event_id,
-            "user_id": p.event.user_id,
-            "item_id": p.event.item_id,  # the event's item: what this recommendation follows
-            "items": [{"item_id": items.item_at(r), "score": sc, "title": items.title_at(r)}
-                      for r, sc in zip(rows[i], scores[i])],
-            "interest": interests[i],
-            "alpha": alphas[i],
+            "event_id": event.event_id,
+            "user_id": event.user_id,
+            "item_id": event.item_id,  # the event's item: what this recommendation follows
+            "items": [{"item_id": ids[r], "score": sc, "title": titles[r]}
+                      for r, sc in zip(rows, row_scores)],
+            "interest": interest,
+            "alpha": alpha,
             "fusion_mode": mode,
             "long_term": None if lt is None else {"version": lt.version,
                                                   "age_s": round(lt.age_s(now_ms), 3)},
             "degraded": degraded,
             "model_version": version,
-            "event_ts": p.event.ts,
+            "event_ts": event.ts,
             "emitted_ts": now_ms,
         }, option=orjson.OPT_SERIALIZE_NUMPY))
     return out

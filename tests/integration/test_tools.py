@@ -167,10 +167,15 @@ def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
         # CPU of one thread over the run's span, in 10-ms ticks: at most one core, give or take
         # a tick or two over a toy run of a few hundred milliseconds
         assert 0.0 <= r[agent]["loop_cores"] <= 1.0 + 0.02 / r[agent]["seconds"] + 0.05
+        # the same CPU seconds per event: cores x seconds / events (both rounded)
+        per_event = r[agent]["loop_cores"] * r[agent]["seconds"] * 1e6 / 1000
+        assert r[agent]["loop_us_per_event"] == pytest.approx(per_event, rel=0.1, abs=10)
     assert r["ratio"] == round(r["pipeline"]["events_per_s"] / r["passthrough"]["events_per_s"], 3)
     lat = r["latency"]["200"]
     assert lat["events"] == 600 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     assert r["pipeline"]["p99_ms"] == lat["p99_ms"]
     assert r["state"]["users"] == 300 and r["rss_mb"] > 0
     assert "ratio pipeline/passthrough" in done.stdout and "latency @200/s" in done.stdout
-    assert "event-loop thread cores" in done.stdout
+    assert "event-loop thread cores" in done.stdout and "event-loop CPU us/event" in done.stdout
+    assert r["loop_cpu_ratio"] == round(r["passthrough"]["loop_us_per_event"]
+                                        / r["pipeline"]["loop_us_per_event"], 3)
