@@ -18,7 +18,9 @@ import math
 import torch
 import torch.nn as nn
 
-NEG = -1e9
+from streams.bundle import MASKED_SCORE
+
+NEG = MASKED_SCORE  # also what the worker reads as "masked" in top_scores
 
 
 class LongTermProjection(nn.Module):

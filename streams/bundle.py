@@ -78,6 +78,9 @@ FUSION = OnnxSignature(
     },
 )
 FUSION_MODES = ("fixed", "attention", "gate")
+# fusion.onnx's top_scores value for a row masked by seen_mask (padding, a recent item): such a
+# row reaches top_rows only when fewer than k rows are left unmasked, and is never served.
+MASKED_SCORE = -1e9
 
 FILES = {
     "short_term": "short_term.onnx",

@@ -26,7 +26,7 @@ from faust.streams import _current_event
 from . import metrics
 from .app import app, dlq_topic, events_topic, recommendations_topic, send_raw, settings
 from .app import settle_heap, short_term_table
-from .bundle import Bundle, load_bundle
+from .bundle import MASKED_SCORE, Bundle, load_bundle
 from .committer import Committer
 from .config import Settings
 from .endpoints import resolve_redis
@@ -153,9 +153,12 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
 
     Rounded in float64 before `tolist()`: a rounded float32 widened to a Python float prints
     all its binary digits (0.07897999882698059 for 0.07898), which nearly doubled the message.
-    The interest vector stays float32 and orjson writes each row directly, shortest form."""
+    The interest vector stays float32 and orjson writes each row directly, shortest form.
+    Rows the fusion masked (the user's recent items, padding) are left out: they come back only
+    when fewer than k items are unseen, so a list may then be shorter than k."""
     ids, titles = rt.bundle.items.ids_by_row, rt.bundle.items.titles_by_row  # once a batch
     version, mode = rt.bundle.version, rt.fusion_mode
+    unranked = MASKED_SCORE / 2  # below it: a masked row
     interests = np.round(batch.fused.astype(np.float32, copy=False), 5)  # (B, D), C-contiguous
     scores = np.round(batch.scores.astype(np.float64), 4).tolist()
     alphas = np.round(batch.alpha.astype(np.float64), 4).tolist()
@@ -169,7 +172,7 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
             "user_id": event.user_id,
             "item_id": event.item_id,  # the event's item: what this recommendation follows
             "items": [{"item_id": ids[r], "score": sc, "title": titles[r]}
-                      for r, sc in zip(rows, row_scores)],
+                      for r, sc in zip(rows, row_scores) if sc > unranked],
             "interest": interest,
             "alpha": alpha,
             "fusion_mode": mode,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from streams.bundle import load_bundle
+from streams.bundle import MASKED_SCORE, load_bundle
 from streams.inference import LongTermEncoder, Recommender, pad_left
 
 
@@ -67,6 +67,17 @@ def test_text_construction_runs_the_bert(bundle):
     lt = LongTermEncoder(bundle)
     vecs = lt.encode([[1, 2], [3]], "text")
     assert vecs.shape == (2, bundle.dims["d_model"]) and np.isfinite(vecs).all()
+
+
+def test_masked_rows_fill_top_k_only_when_too_few_are_unseen_and_carry_masked_score(bundle):
+    """The worker leaves out rows scored MASKED_SCORE: fusion.onnx must use exactly that value."""
+    rec = Recommender(bundle)
+    n_rows = bundle.items.n_rows
+    seen = [list(range(1, n_rows - 3))]  # every item but the last three
+    batch = rec.recommend([seen[0][-5:]], [None], [0.0], seen, "fixed", 0.5, 10)
+    assert sorted(batch.rows[0, :3].tolist()) == [n_rows - 3, n_rows - 2, n_rows - 1]
+    assert (batch.scores[0, :3] > MASKED_SCORE / 2).all()
+    assert (batch.scores[0, 3:] == MASKED_SCORE).all()
 
 
 def test_cold_start_is_popularity_minus_seen(bundle):

@@ -147,6 +147,7 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
     import orjson
     import numpy as np
 
+    from streams.bundle import MASKED_SCORE
     from streams.inference import RecommendationBatch
 
     items = SimpleNamespace(ids_by_row=(None, "i1", "i2", "i3"),
@@ -156,8 +157,8 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
         fused=np.array([[0.078979995, -5.8632998, 1.0], [2.5, -0.0000004, 123.456789]],
                        dtype=np.float32),
         alpha=np.array([0.30000001, 1.0], dtype=np.float32),
-        rows=np.array([[3, 1], [2, 0]]),  # 0: padding (k above the items left unseen)
-        scores=np.array([[4.72069979, 4.66970015], [1.0, 0.5]], dtype=np.float32))
+        rows=np.array([[3, 1], [2, 0]]),  # 0: padding, masked (k above the items left unseen)
+        scores=np.array([[4.72069979, 4.66970015], [1.0, MASKED_SCORE]], dtype=np.float32))
     event = SimpleNamespace(event_id="e", user_id="u", item_id="i9", ts=5)
     pending = [SimpleNamespace(event=event)] * 2
     values = pipeline.render_outputs(pending, batch, rt, {}, False, 7)
@@ -168,7 +169,7 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
                               {"item_id": "i1", "score": 4.6697, "title": "T1"}]
     assert (first["alpha"], second["alpha"]) == (0.3, 1.0)
     assert b"0.07898," in values[0] and b"4.7207," in values[0]  # the short form on the wire
-    assert second["items"][1] == {"item_id": None, "score": 0.5, "title": None}
+    assert second["items"] == [{"item_id": "i2", "score": 1.0, "title": "T2"}]  # masked: left out
     assert (first["event_ts"], first["emitted_ts"], first["long_term"]) == (5, 7, None)
 
 
