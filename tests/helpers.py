@@ -28,18 +28,24 @@ def send(settings, events=(), raw=()) -> None:
     assert prod.flush(30) == 0
 
 
-def collect(settings, topic: str, count: int, timeout: float = 60.0, settle: float = 0.0) -> list[dict]:
-    """Read `topic` from the beginning until `count` records (then `settle` more seconds)."""
+def collect(settings, topic: str, count: int, timeout: float = 60.0, settle: float = 0.0,
+            until_ids: set | None = None) -> list[dict]:
+    """Read `topic` from the beginning until `count` records, or with `until_ids` until a record
+    for each of those event ids (duplicates do not count towards them); then `settle` seconds."""
     ensure_topics(settings, settings.kafka_bootstrap_servers)
     cons = consumer(settings, settings.kafka_bootstrap_servers, f"collect-{uuid.uuid4().hex[:8]}")
     cons.subscribe([topic])
     out, deadline, extra_until = [], time.monotonic() + timeout, None
+    missing = set(until_ids or ())
     try:
         while time.monotonic() < deadline:
             msg = cons.poll(0.2)
             if msg is not None and not msg.error():
                 out.append(orjson.loads(msg.value()))
-            if len(out) >= count and extra_until is None:
+                if until_ids is not None:
+                    missing.discard(out[-1].get("event_id"))
+            done = not missing if until_ids is not None else len(out) >= count
+            if done and extra_until is None:
                 extra_until = time.monotonic() + settle
             if extra_until is not None and time.monotonic() >= extra_until:
                 break
