@@ -108,32 +108,32 @@ def sha256_file(path: Path) -> str:
 class ItemIndex:
     """Row <-> item_id mapping and titles. Row 0 is padding."""
 
-    item_ids: tuple[str, ...]  # index = row - 1
-    titles: tuple[str, ...]
-    texts: tuple[str, ...]
-    row_of: dict[str, int]
-    # index = row, row 0 (padding) None: what the worker renders, one tuple index per field
+    # index = row; row 0 (padding) None: the worker renders with one tuple index per field
     ids_by_row: tuple[str | None, ...]
     titles_by_row: tuple[str | None, ...]
+    texts: tuple[str, ...]  # index = row - 1
+    row_of: dict[str, int]
 
     @classmethod
     def from_records(cls, records: list[dict]) -> "ItemIndex":
         ids = tuple(str(r["item_id"]) for r in records)
         if len(set(ids)) != len(ids):
             raise BundleError("items.json lists an item_id twice; rebuild the bundle")
-        titles = tuple(r.get("title", "") for r in records)
         return cls(
-            item_ids=ids,
-            titles=titles,
+            ids_by_row=(None, *ids),
+            titles_by_row=(None, *(r.get("title", "") for r in records)),
             texts=tuple(r.get("text", "") for r in records),
             row_of={item: row for row, item in enumerate(ids, start=1)},
-            ids_by_row=(None, *ids),
-            titles_by_row=(None, *titles),
         )
 
     @property
+    def item_ids(self) -> tuple[str, ...]:
+        """The catalog's item ids in row order (row 1 first)."""
+        return self.ids_by_row[1:]
+
+    @property
     def n_rows(self) -> int:
-        return len(self.item_ids) + 1
+        return len(self.ids_by_row)
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self.row_of

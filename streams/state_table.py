@@ -48,7 +48,7 @@ class StateTable:
 
     async def delete(self, faust_event, key: str) -> bool:
         """Remove `key` and write its tombstone; False if the table did not hold it."""
-        if self.table.get(key) is None:
+        if self.get(key) is None:
             return False
         if self.send is None:
             _current_event.set(weakref.ref(faust_event))
