@@ -16,6 +16,7 @@ from faust.serializers import codecs
 
 from .config import Settings
 from .endpoints import resolve_kafka
+from .kafka_clients import changelog_configs
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,13 @@ codecs.register("orjson", OrjsonCodec())
 
 
 async def send_raw(app: faust.App, topic: str, key: bytes | None, value: bytes | None,
-                   partition: int | None = None):
+                   partition: int | None = None, headers=None):
     """Queue one record straight on the producer; returns its delivery future. Faust's
     `Topic.send` adds a per-record future, callbacks and sensor calls on top (~10% of the event
     loop under load); the worker and the passthrough baseline both skip them. `partition`
     None: the producer's partitioner (by key)."""
     return await app.producer.send(topic, key, value, partition=partition, timestamp=None,
-                                   headers=None)
+                                   headers=headers)
 
 
 def settle_heap() -> None:
@@ -135,19 +136,24 @@ def _quiet_client_logs(settings: Settings):
 settings = Settings.from_env()
 app = create_app(settings)
 
-# At-least-once: the worker commits this topic's offsets itself (`streams.committer`), so
-# Faust's acks are off for it. Exactly-once leaves them to Faust's transactions.
-events_topic = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw",
-                         partitions=settings.partitions,
+# The agent reads events and control records (privacy erasures) as one stream, so a forget
+# is applied between the user's earlier and later events; Faust assigns the same partition
+# number of both topics (and of the changelog) to one worker, since their counts are equal.
+# At-least-once: the worker commits these topics' offsets itself (`streams.committer`), so
+# Faust's acks are off for them. Exactly-once leaves them to Faust's transactions.
+input_topics = app.topic(settings.topic_events, settings.topic_control, key_serializer="raw",
+                         value_serializer="raw", partitions=settings.partitions,
                          acks=settings.processing_guarantee == "exactly_once")
 recommendations_topic = app.topic(settings.topic_recommendations, key_serializer="raw",
                                   value_serializer="raw")
 dlq_topic = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw")
+control_topic = app.topic(settings.topic_control, key_serializer="raw", value_serializer="raw")
 
 # Per-user short-term state, restored from its changelog topic after a restart or rebalance.
 short_term_table = app.Table(
     "short_term", default=None, partitions=settings.partitions, key_type=str,
     help="user_id -> last N items and last M event ids",
+    extra_topic_configs=changelog_configs(settings),
 )
 # Faust takes a table's codec from its value_type's model only; set before the changelog topic
 # and the store (both created lazily, on first use) read it.

@@ -64,13 +64,20 @@ def cmd_worker(settings: Settings, args) -> int:
     from . import app as app_module
     from .kafka_clients import ensure_topics
 
-    ensure_topics(settings, app_module.resolve_kafka(settings))
-    from .pipeline import runtime
+    ensure_topics(settings, app_module.resolve_kafka(settings), state=True)
+    from .pipeline import EXIT_CRASHED, health, runtime
 
     runtime()
     sys.argv = _faust_argv(settings)
-    app_module.app.main()
-    return 0
+    try:
+        app_module.app.main()
+    except SystemExit as exc:  # Faust's worker always ends with one, code 0 after a stop
+        code = exc.code
+    if not health.ok:
+        print(f"error: the worker's agent crashed ({health.reason}); see the log above",
+              file=sys.stderr)
+        return EXIT_CRASHED
+    return code if isinstance(code, int) else 0
 
 
 def cmd_refresher(settings: Settings, args) -> int:
@@ -180,23 +187,29 @@ def cmd_bench(settings: Settings, args) -> int:
 
 
 def cmd_forget(settings: Settings, args) -> int:
-    """Erase a user: a control record through the user's partition (state tombstone + Redis)."""
+    """Erase a user: a control record on the control topic, keyed to the user's partition
+    (the worker tombstones the state and erases Redis), and Redis erased here at once too."""
     from .endpoints import resolve_redis
     from .events import forget_record
-    from .kafka_clients import producer
+    from .kafka_clients import ensure_topics, producer
     from .longterm import forget_user, redis_client
 
-    prod = producer(settings, _bootstrap(settings))
-    prod.produce(settings.topic_events, key=args.user_id.encode(), value=forget_record(args.user_id))
+    bootstrap = _bootstrap(settings)
+    ensure_topics(settings, bootstrap)
+    prod = producer(settings, bootstrap)
+    prod.produce(settings.topic_control, key=args.user_id.encode(),
+                 value=forget_record(args.user_id, args.requester))
     undelivered = prod.flush(30)
-    deleted = None
+    result = {"user_id": args.user_id, "requester": args.requester,
+              "control_sent": undelivered == 0, "control_topic": settings.topic_control}
     url = resolve_redis(settings)
     if url:  # also at once, in case no worker is running now
         client = redis_client(url, settings.redis_password, 5.0, asyncio_client=False)
-        deleted = forget_user(client, args.user_id)
+        found = forget_user(client, args.user_id)
         client.close()
-    print(json.dumps({"user_id": args.user_id, "control_sent": undelivered == 0,
-                      "redis_keys_deleted": deleted}))
+        # found 0: nothing was there (never seen, or a worker had erased it already)
+        result.update(redis_erased=True, redis_keys_found=found)
+    print(json.dumps(result))
     return 0 if undelivered == 0 else 1
 
 
@@ -262,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--idle-timeout", type=float, default=5.0, help="stop after S seconds without records")
     rc.add_argument("--quiet", action="store_true")
     parsers["forget"].add_argument("user_id")
+    parsers["forget"].add_argument("--requester", default=_default_requester(),
+                                   help="who asks (logged by the worker; default: user@host)")
     bp = parsers["bench"]
     bp.add_argument("--json", default="artifacts/bench.json")
     bp.add_argument("--events", type=int, default=100_000, help="events of the throughput runs")
@@ -280,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the last share of events (by time) that is scored; the rest warms up")
     es.add_argument("--limit", type=int, help="replay only the first N events")
     return parser
+
+
+def _default_requester() -> str:
+    import getpass
+    import socket
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # no user name in this environment (some containers)
+        return "unknown"
 
 
 def settings_default_data():

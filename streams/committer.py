@@ -1,6 +1,6 @@
-"""Commits the events topic's offsets from an `OffsetLedger` (at-least-once mode).
+"""Commits the input topics' offsets (events, control) from an `OffsetLedger` (at-least-once).
 
-- The events topic is declared with acks off, so Faust neither tracks nor commits its offsets
+- The input topics are declared with acks off, so Faust neither tracks nor commits its offsets
   (see `streams.offsets` for why Faust's bookkeeping lost records).
 - Faust's "last offset read" filter is blinded for that topic: it dropped every record below
   the last offset it had read, including the redelivery of records it had skipped. The agent
@@ -28,42 +28,43 @@ log = logging.getLogger(__name__)
 
 
 class BlindReadOffsets(dict):
-    """Faust's per-partition last-read offsets, always unknown (None) for one topic."""
+    """Faust's per-partition last-read offsets, always unknown (None) for some topics."""
 
-    def __init__(self, topic: str, initial: dict) -> None:
+    def __init__(self, topics: frozenset[str], initial: dict) -> None:
         super().__init__(initial)
-        self.topic = topic
+        self.topics = topics
 
     def __missing__(self, tp):
         return None
 
     def __getitem__(self, tp):
-        return None if tp.topic == self.topic else super().__getitem__(tp)
+        return None if tp.topic in self.topics else super().__getitem__(tp)
 
 
 class Committer:
-    """Owns the commit of `topic`'s offsets for one worker."""
+    """Owns the commit of the input topics' offsets for one worker."""
 
     def __init__(self, app, settings: Settings) -> None:
-        self.app, self.settings, self.topic = app, settings, settings.topic_events
+        self.app, self.settings = app, settings
+        self.topics = frozenset((settings.topic_events, settings.topic_control))
         self.ledger = OffsetLedger()
         self.to_assign: set = set()
 
     def install(self) -> None:
         """Call before the worker starts consuming."""
         consumer = self.app.consumer
-        consumer._read_offset = BlindReadOffsets(self.topic, consumer._read_offset)
+        consumer._read_offset = BlindReadOffsets(self.topics, consumer._read_offset)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         # The committed offsets are read later, from the commit timer: asking the consumer
         # thread from inside its rebalance callback could wait on itself.
-        self.to_assign = {tp for tp in assigned if tp.topic == self.topic}
+        self.to_assign = {tp for tp in assigned if tp.topic in self.topics}
 
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         self.to_assign -= set(revoked)
-        self.ledger.revoke(tp for tp in revoked if tp.topic == self.topic)
+        self.ledger.revoke(tp for tp in revoked if tp.topic in self.topics)
 
     def fresh(self, events: list) -> list:
         """`events` without redeliveries of records already processed (or twice in the batch)."""
@@ -86,7 +87,7 @@ class Committer:
         now = time.monotonic()
         self.ledger.settle(now)
         consumer = self.app.consumer
-        offsets = self.ledger.due(tp for tp in consumer.assignment() if tp.topic == self.topic)
+        offsets = self.ledger.due(tp for tp in consumer.assignment() if tp.topic in self.topics)
         if offsets and await consumer._commit(offsets):
             self.ledger.committed(offsets)
         holes = self.ledger.holes(now, self.settings.hole_check_s)

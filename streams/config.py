@@ -41,6 +41,8 @@ class Settings:
     topic_events: str = "events"  #: TOPIC_EVENTS
     topic_recommendations: str = "recommendations"  #: TOPIC_RECOMMENDATIONS
     topic_dlq: str = "events.dlq"  #: TOPIC_DLQ
+    #: TOPIC_CONTROL: privacy erasures (forget); grant write access to the privacy tooling only
+    topic_control: str = "events.control"
     partitions: int = 4  #: PARTITIONS (of `events` and the state changelog)
     # --- worker -----------------------------------------------------------------------
     app_id: str = "interest-stream"  #: APP_ID (also the consumer group)
@@ -57,6 +59,14 @@ class Settings:
     max_future_skew_s: float = 300.0  #: MAX_FUTURE_SKEW_S: ts this far ahead is rejected
     processing_guarantee: str = "at_least_once"  #: PROCESSING_GUARANTEE
     commit_interval_s: float = 0.5  #: COMMIT_INTERVAL_S: offsets (and the producer) flushed this often
+    #: MAX_CONSECUTIVE_FAILURES: records in a row whose processing fails (each tried twice,
+    #: then dead-lettered as processing_failed) before the worker counts the fault as its own
+    #: and exits non-zero
+    max_consecutive_failures: int = 20
+    #: FORGET_WITHIN_S: a forgotten user's earlier state records leave the changelog within
+    #: about this long (plus the broker's log cleaner interval): the changelog's segment.ms and
+    #: max.compaction.lag.ms
+    forget_within_s: float = 3600.0
     hole_check_s: float = 10.0  #: HOLE_CHECK_S: an input offset still missing after this is looked up in the log
     recovery_stall_s: float = 10.0  #: RECOVERY_STALL_S: a stuck changelog partition is re-read after this
     web_port: int = 6066  #: WEB_PORT: Faust's web server (and /metrics)
@@ -90,7 +100,10 @@ class Settings:
             )
         if self.fusion_alpha is not None and not 0.0 <= self.fusion_alpha <= 1.0:
             raise ConfigError(f"FUSION_ALPHA={self.fusion_alpha} must lie in [0, 1]")
-        for name in ("partitions", "batch_size", "top_k", "short_term_len", "dedup_window"):
+        if self.forget_within_s < 1:
+            raise ConfigError(f"FORGET_WITHIN_S={self.forget_within_s} must be >= 1")
+        for name in ("partitions", "batch_size", "top_k", "short_term_len", "dedup_window",
+                     "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)} must be >= 1")
         self.weights()  # validates EVENT_WEIGHTS

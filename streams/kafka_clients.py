@@ -10,7 +10,7 @@ import time
 import uuid
 
 from .config import Settings
-from .errors import InfraError
+from .errors import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +49,73 @@ def consumer(settings: Settings, bootstrap: str, group: str, **extra):
     return Consumer(conf)
 
 
-def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> None:
-    """Create `events`, `recommendations` and `events.dlq` if missing."""
+def changelog_topic(settings: Settings) -> str:
+    """The short-term state table's changelog (Faust's name for table `short_term`)."""
+    return f"{settings.app_id}-short_term-changelog"
+
+
+def changelog_configs(settings: Settings) -> dict[str, str]:
+    """Compaction that removes a forgotten user's earlier states within FORGET_WITHIN_S: the
+    active segment rolls at that age (a record in it is never compacted), a closed segment is
+    compacted once its oldest record is that old, and a tombstone itself goes after that too."""
+    window = str(int(settings.forget_within_s * 1000))
+    return {"cleanup.policy": "compact", "segment.ms": window, "max.compaction.lag.ms": window,
+            "min.compaction.lag.ms": "0", "delete.retention.ms": window}
+
+
+def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0,
+                  state: bool = False) -> None:
+    """Create `events`, `events.control`, `recommendations` and `events.dlq` if missing (with
+    `state`, the state changelog too, its compaction settings applied). `events`, the control
+    topic and the changelog must have PARTITIONS partitions: Faust assigns a user's partition
+    of all three to one worker only when their counts are equal."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(client_config(settings, bootstrap))
     try:
-        existing = set(admin.list_topics(timeout=timeout).topics)
+        existing = admin.list_topics(timeout=timeout).topics
     except Exception as exc:
         raise InfraError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
-    wanted = [(settings.topic_events, settings.partitions),
-              (settings.topic_recommendations, settings.partitions),
-              (settings.topic_dlq, 1)]
-    new = [NewTopic(name, num_partitions=n, replication_factor=-1)
-           for name, n in wanted if name not in existing]
-    if not new:
-        return
-    for name, future in admin.create_topics(new, operation_timeout=timeout).items():
+    wanted = [(settings.topic_events, settings.partitions, {}),
+              (settings.topic_control, settings.partitions, {}),
+              (settings.topic_recommendations, settings.partitions, {}),
+              (settings.topic_dlq, 1, {})]
+    if state:
+        wanted.append((changelog_topic(settings), settings.partitions, changelog_configs(settings)))
+    for name, partitions, _ in wanted[:2] + wanted[4:]:
+        have = len(existing[name].partitions) if name in existing else partitions
+        if have != partitions:
+            raise ConfigError(f"topic {name} has {have} partitions but PARTITIONS={partitions}: "
+                              f"set PARTITIONS={have} (a user's events, control records and "
+                              "state must share a partition number)")
+    new = [NewTopic(name, num_partitions=n, replication_factor=-1, config=config)
+           for name, n, config in wanted if name not in existing]
+    for name, future in admin.create_topics(new, operation_timeout=timeout).items() if new else ():
         try:
             future.result()
             log.info("created topic %s", name)
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise InfraError(f"cannot create topic {name}: {exc}") from exc
-    _await_leaders(admin, [t.topic for t in new], timeout)
+    if state and changelog_topic(settings) in existing:
+        _set_configs(admin, changelog_topic(settings), changelog_configs(settings), timeout)
+    if new:
+        _await_leaders(admin, [t.topic for t in new], timeout)
+
+
+def _set_configs(admin, topic: str, configs: dict[str, str], timeout: float) -> None:
+    """Set `configs` on an existing topic, leaving its other settings as they are."""
+    from confluent_kafka.admin import (AlterConfigOpType, ConfigEntry, ConfigResource,
+                                       ResourceType)
+
+    entries = [ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+               for name, value in configs.items()]
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource], request_timeout=timeout).values():
+        try:
+            future.result()
+        except Exception as exc:
+            raise InfraError(f"cannot set {', '.join(configs)} on topic {topic}: {exc}") from exc
 
 
 def _await_leaders(admin, topics: list[str], timeout: float) -> None:

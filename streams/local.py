@@ -130,6 +130,9 @@ class LocalKafka:
             "auto.create.topics.enable": "true",
             "log.retention.hours": "24",
             "log.segment.bytes": str(64 * 1024 * 1024),
+            # the cleaner looks for logs to compact every second (default 15 s): a forget's
+            # erasure of the changelog then takes FORGET_WITHIN_S plus about a second here
+            "log.cleaner.backoff.ms": "1000",
         }
         path = self.root / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))

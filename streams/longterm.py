@@ -3,6 +3,8 @@
 Keys (prefix `is:`):
   is:hist:{user}  list of "item_id" or "item_id<TAB>weight" (event-type weight != 1),
                   oldest first, capped at LONG_HISTORY_CAP
+  is:hpos:{user}  hash {since, pos}: the place in the user's history of the newest event
+                  appended (`streams.state`): an append at or before it is a retry, skipped
   is:dirty        set of users whose history changed since their last refresh
   is:lt:{user}    hash {vec: float32 bytes, version: int, ts: epoch ms, model: bundle version}
 
@@ -29,19 +31,29 @@ PENDING_CAP = 200_000
 
 
 # One batch in one command: read the users' vectors, append the events to the histories, cap
-# them, mark their users dirty. KEYS = dirty set, n vector keys, m history keys (one per
-# append); ARGV = n, cap, m history entries, m users. Sent as one EVAL instead of ~2 commands
-# per event (redis-py packs and parses each in Python: 15-33 us per event on the event loop).
+# them, mark their users dirty. KEYS = dirty set, n vector keys, m history keys and m place
+# keys (one each per append); ARGV = n, cap, then per append: entry, user, lineage, position.
+# An append at or before the place its user's history last recorded in the same lineage is a
+# retry (a write that timed out on the worker's side and ran later): skipped, so a history
+# never counts an event twice. Sent as one EVAL instead of ~2 commands per event (redis-py
+# packs and parses each in Python: 15-33 us per event on the event loop).
 SYNC_BATCH = """
 local n, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-local m = #KEYS - 1 - n
+local m = (#KEYS - 1 - n) / 2
 local vectors, dirty = {}, {}
 for i = 1, n do
   vectors[i] = redis.call('HMGET', KEYS[1 + i], 'vec', 'version', 'ts', 'model')
 end
 for j = 1, m do
-  redis.call('RPUSH', KEYS[1 + n + j], ARGV[2 + j])
-  dirty[KEYS[1 + n + j]] = ARGV[2 + m + j]
+  local hist, place = KEYS[1 + n + j], KEYS[1 + n + m + j]
+  local at = 2 + 4 * (j - 1)
+  local since, pos = ARGV[at + 3], tonumber(ARGV[at + 4])
+  local known = redis.call('HMGET', place, 'since', 'pos')
+  if known[1] ~= since or not known[2] or pos > tonumber(known[2]) then
+    redis.call('RPUSH', hist, ARGV[at + 1])
+    redis.call('HSET', place, 'since', since, 'pos', pos)
+    dirty[hist] = ARGV[at + 2]
+  end
 end
 for key, user in pairs(dirty) do
   redis.call('LTRIM', key, -cap, -1)
@@ -49,6 +61,16 @@ for key, user in pairs(dirty) do
 end
 return vectors
 """
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryAppend:
+    """One event for a user's long history, with its place in it (`streams.state`)."""
+
+    user: str
+    entry: str  # history_entry(item_id, weight)
+    since: str
+    pos: int
 
 
 def hist_key(user: str) -> str:
@@ -59,9 +81,13 @@ def vec_key(user: str) -> str:
     return f"{PREFIX}lt:{user}"
 
 
+def place_key(user: str) -> str:
+    return f"{PREFIX}hpos:{user}"
+
+
 def queue_erase(pipe, user: str) -> None:
-    """Add to `pipe` what erases a user: history, vector, dirty mark (2 replies)."""
-    pipe.delete(hist_key(user), vec_key(user))
+    """Add to `pipe` what erases a user: history, its place, vector, dirty mark (2 replies)."""
+    pipe.delete(hist_key(user), place_key(user), vec_key(user))
     pipe.srem(DIRTY, user)
 
 
@@ -106,14 +132,14 @@ class LongTermStore:
         self.model, self.d_model = model, d_model
         self.history_cap = history_cap
         self.timeout_s, self.retry_s = timeout_s, retry_s
-        self.pending: deque[tuple[str, str]] = deque(maxlen=PENDING_CAP)
+        self.pending: deque[HistoryAppend] = deque(maxlen=PENDING_CAP)
         self.down_until = 0.0
         self.up = True
         self.pending_forgets: set[str] = set()  # erasures to redo when Redis is back
 
-    async def sync_batch(self, appends: Iterable[tuple[str, str]], users: Sequence[str]
+    async def sync_batch(self, appends: Iterable[HistoryAppend], users: Sequence[str]
                          ) -> dict[str, LongTermVector] | None:
-        """Append (user, item) to the histories, mark those users dirty, read the users' vectors.
+        """Append events to the histories, mark those users dirty, read the users' vectors.
 
         Returns None when Redis is unavailable (the caller publishes degraded output).
         """
@@ -125,9 +151,11 @@ class LongTermStore:
         pipe = self.client.pipeline(transaction=False)
         for user in forgets:
             queue_erase(pipe, user)
-        keys = [DIRTY, *map(vec_key, users), *(hist_key(user) for user, _ in batch_appends)]
-        args = [len(users), self.history_cap, *(item for _, item in batch_appends),
-                *(user for user, _ in batch_appends)]
+        keys = [DIRTY, *map(vec_key, users), *(hist_key(a.user) for a in batch_appends),
+                *(place_key(a.user) for a in batch_appends)]
+        args = [len(users), self.history_cap]
+        for a in batch_appends:
+            args += (a.entry, a.user, a.since, a.pos)
         pipe.eval(SYNC_BATCH, len(keys), *keys, *args)
         try:
             replies = await asyncio.wait_for(pipe.execute(), self.timeout_s * 4)
@@ -146,7 +174,7 @@ class LongTermStore:
 
     async def forget(self, user: str) -> None:
         """Erase the user's history, vector and dirty mark (and appends still pending)."""
-        self.pending = deque(((u, i) for u, i in self.pending if u != user), maxlen=PENDING_CAP)
+        self.pending = deque((a for a in self.pending if a.user != user), maxlen=PENDING_CAP)
         pipe = self.client.pipeline(transaction=True)
         queue_erase(pipe, user)
         try:
@@ -213,7 +241,8 @@ def read_vector(client, user: str, model: str, d_model: int) -> LongTermVector |
 
 
 def forget_user(client, user: str) -> int:
-    """Remove everything Redis holds about `user`; returns the number of keys deleted."""
+    """Remove everything Redis holds about `user`; returns how many keys it found (0 when a
+    worker had erased them already)."""
     pipe = client.pipeline(transaction=True)
     queue_erase(pipe, user)
     return int(pipe.execute()[0])

@@ -29,11 +29,15 @@ REDIS_SECONDS = Histogram("redis_seconds", "Redis round trip per batch", registr
 REDIS_UP = Gauge("redis_up", "1 when the last Redis round trip succeeded", registry=REGISTRY)
 CONSUMER_LAG = Gauge("consumer_lag", "Records behind the end of the events topic", registry=REGISTRY)
 BATCH_ERRORS = Counter("batch_errors_total",
-                       "Batches that failed after scoring (their records are processed again)",
+                       "Batches that failed (their records are processed again one by one)",
                        registry=REGISTRY)
 RECOVERY_REREADS = Counter("recovery_rereads_total",
                            "Changelog partitions read again after their recovery stalled",
                            registry=REGISTRY)
+AGENT_UP = Gauge("agent_up", "1 while the worker's agent runs; 0 once it crashed (the worker "
+                 "then exits non-zero)", registry=REGISTRY)
+CONTROL_REROUTED = Counter("control_rerouted_total",
+                           "Control records re-sent to their user's partition", registry=REGISTRY)
 FORGOTTEN = Counter("users_forgotten_total", "Privacy erasures applied", registry=REGISTRY)
 REFRESHES = Counter("long_term_refreshed_total", "Long-term vectors recomputed", registry=REGISTRY)
 REFRESH_SECONDS = Histogram("long_term_refresh_seconds", "Duration of one refresh pass",

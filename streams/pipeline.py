@@ -1,17 +1,25 @@
 """The agent: wires the pure pieces (events, state, inference) to Kafka and Redis.
 
 One micro-batch (bounded by BATCH_SIZE and BATCH_WITHIN_S):
-  1. validate every record; bad ones go to the DLQ with reason and original bytes;
+  1. validate every record (content, then key and partition); bad ones go to the DLQ with
+     reason and original bytes;
   2. update each user's short-term state in the table (redeliveries change nothing);
   3. one pipelined Redis round trip: append histories, mark dirty, read long-term vectors;
   4. one GPT call and one fusion call for the whole batch, in the inference thread, while
      the event loop already prepares the next batch (steps 1-3);
   5. one recommendation per valid event on `recommendations`, in input order.
+
+Control records (privacy erasures) come from the control topic, in the same stream: a batch is
+split at each one. A batch whose processing raises is processed again record by record; a
+record that fails twice alone is dead-lettered (`processing_failed`); MAX_CONSECUTIVE_FAILURES
+such records in a row, or any error outside that, stop the worker with a non-zero exit.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +32,19 @@ import orjson
 from faust.streams import _current_event
 
 from . import metrics
-from .app import app, dlq_topic, events_topic, recommendations_topic, send_raw, settings
-from .app import settle_heap, short_term_table
+from .app import app, control_topic, dlq_topic, input_topics, recommendations_topic, send_raw
+from .app import settings, settle_heap, short_term_table
 from .bundle import MASKED_SCORE, Bundle, load_bundle
 from .committer import Committer
 from .config import Settings
 from .endpoints import resolve_redis
-from .events import Event, EventRules, decode_event, dlq_record, parse_control
+from .events import (Event, EventRules, Forget, Rejection, check_routing, decode_event,
+                     dlq_headers, dlq_key, dlq_record, parse_control, partition_for)
+from .health import Health
 from .inference import RecommendationBatch, Recommender, ScoringInputs
-from .longterm import LongTermStore, history_entry, redis_client
+from .longterm import HistoryAppend, LongTermStore, history_entry, redis_client
 from .recovery_watch import RecoveryWatch
-from .state import last_event_ts, recent_items, update_short_term
+from .state import history_place, last_event_ts, recent_items, update_short_term
 from .state_table import StateTable
 
 log = logging.getLogger(__name__)
@@ -88,16 +98,32 @@ if committer is not None:
 # Exactly-once: table writes through Faust, inside the source partition's transaction.
 state_table = StateTable(short_term_table,
                          send=None if committer is None else partial(send_raw, app))
+health = Health()
+# Crashed: the worker leaves its group this long after /healthz started failing.
+CRASH_EXIT_DELAY_S = 1.0
+EXIT_CRASHED = 70  # EX_SOFTWARE: `python -m streams worker`'s exit code after a crash
 
 
-async def send_output(topic, faust_event, key: bytes, value: bytes):
+async def send_output(topic, faust_event, key: bytes | None, value: bytes,
+                      partition: int | None = None, headers=None):
     """Queue one output record; returns its delivery future. At-least-once: straight to the
     producer (the committer waits on its futures). Exactly-once: `Topic.send`, which routes the
     record into the transaction of the event's source partition."""
     if committer is not None:
-        return await send_raw(app, topic.get_topic_name(), key, value)
+        return await send_raw(app, topic.get_topic_name(), key, value, partition, headers)
     _current_event.set(weakref.ref(faust_event))
-    return await topic.send(key=key, value=value)
+    return await topic.send(key=key, value=value, partition=partition, headers=headers)
+
+
+async def dead_letter(faust_event, rejection: Rejection, now_ms: int) -> None:
+    """Send the record to the DLQ with its reason (bounded in size whatever the input)."""
+    msg = faust_event.message
+    metrics.EVENTS_DLQ.labels(rejection.reason).inc()
+    delivered_by(faust_event, await send_output(
+        dlq_topic, faust_event, dlq_key(msg.key),
+        dlq_record(rejection, faust_event.value, msg.topic, msg.partition, msg.offset, now_ms,
+                   key=msg.key),
+        headers=dlq_headers(msg.headers)))
 
 
 def delivered_by(faust_event, *futures) -> None:
@@ -122,6 +148,7 @@ class Pending:
     rows: list[int]  # the user's recent item rows, oldest first
     dt_s: float  # seconds since the user's previous event
     is_new: bool  # False for a redelivered event: state and history left unchanged
+    place: tuple[str, int]  # (lineage, position) in the user's long history
 
 
 def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pending], dict]:
@@ -143,7 +170,8 @@ def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pe
         if not all(rows):  # None: an item the bundle's catalog does not have (rows are >= 1)
             rows = [r for r in rows if r]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
-        out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new))
+        out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new,
+                           history_place(new_state)))
     return out, changed
 
 
@@ -207,23 +235,29 @@ class BatchPipeline:
     next batch: there, each batch is finished before the next is taken.
     """
 
-    def __init__(self, overlap: bool):
+    def __init__(self, overlap: bool, max_failures: int, on_fault=None):
         self.overlap = overlap
         self.in_flight: asyncio.Future | None = None
+        self.max_failures = max_failures
+        self.failures_in_row = 0  # records dead-lettered as processing_failed since a success
+        # called at once with an error a batch in flight could not get past: the agent may be
+        # waiting for input, not on that batch
+        self.on_fault = on_fault
+        self.fault: BaseException | None = None
 
     async def submit(self, events: Sequence) -> None:
-        """Take a micro-batch; privacy controls split it so that order per user is kept."""
+        """Take a micro-batch; control records split it so that order per user is kept."""
+        if self.fault is not None:
+            raise self.fault
         segment = []
         for fe in events:
-            user = parse_control(fe.value)
-            if user is None:
+            if fe.message.topic != settings.topic_control:
                 segment.append(fe)
                 continue
             await self.submit_segment(segment)
             segment = []
             await self.flush()  # the forget follows everything before it
-            await forget_user_state(fe, user)
-            delivered_by(fe)
+            await apply_control(fe)
         await self.submit_segment(segment)
         if not self.overlap:
             await self.flush()
@@ -231,30 +265,77 @@ class BatchPipeline:
     async def submit_segment(self, events: Sequence) -> None:
         if not events:
             return
-        prepared = await prepare_segment(events)
+        try:
+            prepared = await prepare_segment(events)
+        except Exception as exc:
+            await self.flush()
+            await self.isolate(events, exc)
+            return
         scoring = None
         if prepared is not None:  # None: dead letters only, nothing to score
             rt = runtime()
             scoring = asyncio.get_running_loop().run_in_executor(rt.executor, score, prepared, rt)
         previous = self.in_flight
-        self.in_flight = asyncio.ensure_future(self._publish_after(previous, prepared, scoring))
+        self.in_flight = asyncio.ensure_future(
+            self._publish_after(previous, events, prepared, scoring))
+        self.in_flight.add_done_callback(_retrieve)  # its error is reported through on_fault
         if previous is not None:
             await previous  # at most one batch waits while another is scored
 
-    async def _publish_after(self, previous, prepared: Prepared | None, scoring) -> None:
+    async def _publish_after(self, previous, events, prepared: Prepared | None, scoring) -> None:
         if previous is not None:
             await previous
         if prepared is None:
             return
         try:
             await self._publish(prepared, await scoring)
-        except Exception:
-            metrics.BATCH_ERRORS.inc()
-            if not self.overlap:
-                raise  # exactly-once: the agent fails before Faust acks the batch
-            # Its records were not delivered_by, so their offsets are not committed; they are
-            # read again once the committer sees the hole (or after a restart).
-            log.exception("a batch failed after scoring; its records will be processed again")
+            self.failures_in_row = 0
+        except Exception as exc:
+            try:
+                await self.isolate(events, exc)
+            except Exception as fault:
+                self.fault = fault
+                if self.on_fault is not None:
+                    self.on_fault(fault)
+                raise
+
+    async def isolate(self, events: Sequence, exc: Exception) -> None:
+        """A batch failed: process its records one at a time, each at most twice. Records whose
+        outputs were sent already are sent again (counted duplicates, as any redelivery)."""
+        metrics.BATCH_ERRORS.inc()
+        log.warning("a batch of %d records failed (%s: %s); processing them one by one",
+                    len(events), type(exc).__name__, exc)
+        for fe in events:
+            error = None
+            for _ in range(2):
+                try:
+                    await self.process_alone(fe)
+                    error = None
+                    break
+                except Exception as exc:
+                    error = exc
+            if error is None:
+                self.failures_in_row = 0
+                continue
+            self.failures_in_row += 1
+            if self.failures_in_row >= self.max_failures:
+                raise WorkerFault(f"{self.failures_in_row} records in a row failed to process "
+                                  "(MAX_CONSECUTIVE_FAILURES): a fault of the worker, not of "
+                                  "its input") from error
+            msg = fe.message
+            log.error("record %s[%d]@%d failed twice (%s: %s): dead-lettered as processing_failed",
+                      msg.topic, msg.partition, msg.offset, type(error).__name__, error)
+            await dead_letter(fe, Rejection("processing_failed",
+                                            f"{type(error).__name__}: {error}"[:500]),
+                              int(time.time() * 1000))
+
+    async def process_alone(self, fe) -> None:
+        prepared = await prepare_segment([fe])
+        if prepared is not None:
+            rt = runtime()
+            batch = await asyncio.get_running_loop().run_in_executor(rt.executor, score,
+                                                                     prepared, rt)
+            await self._publish(prepared, batch)
 
     async def _publish(self, prepared: Prepared, batch: RecommendationBatch) -> None:
         pending = prepared.pending
@@ -272,15 +353,56 @@ class BatchPipeline:
             task, self.in_flight = self.in_flight, None
             await task
 
+    async def abandon(self) -> None:
+        """After a fault: let the batch in flight finish or fail; its error is reported."""
+        try:
+            await self.flush()
+        except Exception:
+            pass
 
-async def forget_user_state(faust_event, user: str) -> None:
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class WorkerFault(Exception):
+    """Processing fails whatever the input: the worker stops rather than drop the stream."""
+
+
+async def apply_control(fe) -> None:
+    """A control-topic record: a forget, applied in the user's partition (re-routed there when
+    it arrived in another, since only that partition's worker holds the user's state)."""
+    now_ms = int(time.time() * 1000)
+    result = parse_control(fe.value)
+    if isinstance(result, Rejection):
+        await dead_letter(fe, result, now_ms)
+        return
+    msg = fe.message
+    expected = partition_for(result.user_id.encode(), settings.partitions)
+    if msg.partition != expected:
+        metrics.CONTROL_REROUTED.inc()
+        log.warning("forget of user %r (requested by %r) arrived in %s[%d]: re-routed to [%d]",
+                    result.user_id, result.requester, msg.topic, msg.partition, expected)
+        delivered_by(fe, await send_output(control_topic, fe, result.user_id.encode(), fe.value,
+                                           partition=expected))
+        return
+    await forget_user_state(fe, result)
+    delivered_by(fe)
+
+
+async def forget_user_state(faust_event, forget: Forget) -> None:
     """Tombstone the user's short-term state and erase what Redis holds about them."""
+    user = forget.user_id
     await state_table.delete(faust_event, user)  # a tombstone in the changelog
     rt = runtime()
     if rt.store is not None:
         await rt.store.forget(user)
+    state_table.rewrite_later(faust_event.message.partition, user,
+                              time.monotonic() + settings.forget_within_s)
     metrics.FORGOTTEN.inc()
-    log.info("forgot a user (state tombstoned, long-term data erased)")
+    log.info("forgot user %r (requested by %r): state tombstoned, long-term data erased",
+             user, forget.requester)
 
 
 async def prepare_segment(events: Sequence) -> Prepared | None:
@@ -289,16 +411,17 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
     now_ms = int(time.time() * 1000)
     metrics.EVENTS_IN.inc(len(events))
     metrics.BATCH_SIZE.observe(len(events))
-    valid = []
+    valid, partitions = [], settings.partitions
     for fe in events:
         result = decode_event(fe.value, rt.rules, now_ms)
         if isinstance(result, Event):
-            valid.append((fe, result))
-            continue
-        msg = fe.message
-        metrics.EVENTS_DLQ.labels(result.reason).inc()
-        delivered_by(fe, await send_output(dlq_topic, fe, msg.key, dlq_record(
-            result, fe.value, msg.topic, msg.partition, msg.offset, now_ms)))
+            msg = fe.message
+            misrouted = check_routing(result, msg.key, msg.partition, partitions)
+            if misrouted is None:
+                valid.append((fe, result))
+                continue
+            result = misrouted
+        await dead_letter(fe, result, now_ms)
     if not valid:
         return None
     pending, changed = apply_state(valid, rt)
@@ -310,8 +433,9 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
     if rt.store is not None:
         started = time.perf_counter()
         long_vecs = await rt.store.sync_batch(
-            [(p.event.user_id, history_entry(p.event.item_id, rt.weights[p.event.event_type]))
-             for p in pending if p.is_new], users)
+            [HistoryAppend(p.event.user_id,
+                           history_entry(p.event.item_id, rt.weights[p.event.event_type]),
+                           *p.place) for p in pending if p.is_new], users)
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
@@ -332,20 +456,43 @@ def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
     return batch
 
 
-@app.agent(events_topic, name="recommend")
+@app.agent(input_topics, name="recommend")
 async def recommend(stream):
     runtime()  # `python -m streams worker` has loaded it; freeze it with the rest
     settle_heap()
     # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
-    pipeline = BatchPipeline(overlap=committer is not None and settings.batch_overlap == 1)
+    pipeline = BatchPipeline(overlap=committer is not None and settings.batch_overlap == 1,
+                             max_failures=settings.max_consecutive_failures, on_fault=crashed)
     try:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             if committer is not None:
                 events = committer.fresh(events)
             await pipeline.submit(events)
-    finally:
         await pipeline.flush()
-        await commit_processed_offsets()  # graceful stop: what was delivered is not redone
+    except Exception as exc:
+        crashed(exc)
+        await pipeline.abandon()
+    finally:
+        await commit_processed_offsets()  # what was delivered is not redone
+
+
+def crashed(exc: BaseException) -> None:
+    """The agent cannot go on: /healthz fails at once, then the worker stops (leaving its group
+    and committing what was delivered) and `python -m streams worker` exits non-zero, so an
+    orchestrator restarts it instead of a live process holding partitions it does not read."""
+    if not health.ok:
+        return  # reported already
+    health.fail(exc)
+    log.critical("the agent stopped (%s: %s): the worker exits", type(exc).__name__, exc,
+                 exc_info=exc)
+    asyncio.get_running_loop().call_later(CRASH_EXIT_DELAY_S, os.kill, os.getpid(),
+                                          signal.SIGTERM)
+
+
+@app.timer(1.0)
+async def rewrite_forgotten_states():
+    """A forget's tombstone written again once FORGET_WITHIN_S has passed (`StateTable`)."""
+    await state_table.rewrite_due(time.monotonic())
 
 
 @app.timer(settings.commit_interval_s)
@@ -375,8 +522,11 @@ async def metrics_page(web_view, request):
 @app.page("/healthz")
 async def health_page(web_view, request):
     rt = _runtime
-    return web_view.json({"ok": rt is not None, "redis_up": bool(rt and rt.store and rt.store.up),
-                          "model_version": rt.bundle.version if rt else None})
+    ok = rt is not None and health.ok
+    return web_view.json({"ok": ok, "agent": health.describe(),
+                          "redis_up": bool(rt and rt.store and rt.store.up),
+                          "model_version": rt.bundle.version if rt else None},
+                         status=200 if ok else 503)
 
 
 @app.timer(5.0)

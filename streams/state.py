@@ -7,7 +7,13 @@ State layout (arrays in JSON; tuples in memory, lists after a restore from the c
 
     {"items": ((item_id, ts_ms, event_type), ...),   # oldest first, at most N
      "event_ids": (event_id, ...),                    # oldest first, at most M
-     "n_events": int}                                 # distinct events ever applied
+     "n_events": int,                                 # distinct events ever applied
+     "since": event_id}                               # the first of them: names this lineage
+
+`(since, n_events)` names an event's place in the user's history: the long history in Redis
+appends an event only past the place it last recorded (`streams.longterm`), so a write retried
+after a timeout is not counted twice; a new lineage (after a forget, or a lost state) starts
+over. States written before `since` existed read as lineage "".
 
 Why tuples: a tuple of strings and ints, and then a dict of such tuples, is untracked by
 CPython's cycle collector, so a full collection skips the state entirely. With lists it
@@ -26,10 +32,11 @@ class ShortTermState(TypedDict):
     items: Sequence[Sequence]
     event_ids: Sequence[str]
     n_events: int
+    since: str
 
 
 def empty_state() -> ShortTermState:
-    return {"items": (), "event_ids": (), "n_events": 0}
+    return {"items": (), "event_ids": (), "n_events": 0, "since": ""}
 
 
 def update_short_term(
@@ -45,7 +52,13 @@ def update_short_term(
         "items": (*items, (event.item_id, event.ts, event.event_type)),
         "event_ids": (*ids, event.event_id),
         "n_events": state["n_events"] + 1,
+        "since": state.get("since", "") if state["n_events"] else event.event_id,
     }, True
+
+
+def history_place(state: ShortTermState) -> tuple[str, int]:
+    """(lineage, position) of the state's newest event in the user's long history."""
+    return state.get("since", ""), state["n_events"]
 
 
 _item_id = itemgetter(0)  # of an items entry (item_id, ts, event_type)

@@ -42,12 +42,23 @@ def quick_bundle(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def redis_sync(stack):
+    """A synchronous client of the test Redis."""
+    from streams.longterm import redis_client
+
+    client = redis_client(stack["redis"], None, timeout=5.0, asyncio_client=False)
+    yield client
+    client.close()
+
+
 def unique_settings(stack, bundle: Path | None = None, **overrides) -> Settings:
     """Settings with topics and group of their own, so tests never see each other's records."""
     tag = uuid.uuid4().hex[:8]
     values = dict(kafka_bootstrap_servers=stack["kafka"], redis_url=stack["redis"],
                   topic_events=f"events-{tag}", topic_recommendations=f"recs-{tag}",
-                  topic_dlq=f"dlq-{tag}", app_id=f"test-{tag}", partitions=2)
+                  topic_dlq=f"dlq-{tag}", topic_control=f"control-{tag}", app_id=f"test-{tag}",
+                  partitions=2)
     if bundle is not None:
         values["bundle_dir"] = bundle
     values.update(overrides)
@@ -70,8 +81,9 @@ def settings_env(settings: Settings) -> dict:
 class WorkerProcess:
     """`python -m streams worker` as a child process with its own web port and log file."""
 
-    def __init__(self, settings: Settings, log_dir: Path, name: str = "worker", **env_overrides):
-        self.settings, self.name = settings, name
+    def __init__(self, settings: Settings, log_dir: Path, name: str = "worker",
+                 argv: tuple = ("-m", "streams", "worker"), **env_overrides):
+        self.settings, self.name, self.argv = settings, name, argv
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.env = settings_env(settings)
         self.env["WEB_PORT"] = str(free_port())
@@ -81,7 +93,7 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams", "worker"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, *self.argv], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      start_new_session=True)
         return self
@@ -118,8 +130,9 @@ class WorkerProcess:
 def workers(tmp_path):
     started = []
 
-    def start(settings: Settings, ready: bool = True, **env) -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path, f"worker{len(started)}", **env).start()
+    def start(settings: Settings, ready: bool = True, argv: tuple = ("-m", "streams", "worker"),
+              **env) -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path, f"worker{len(started)}", argv, **env).start()
         started.append(worker)
         if ready:
             worker.wait_ready()

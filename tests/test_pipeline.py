@@ -33,9 +33,12 @@ pipeline = _import_pipeline()
 
 
 class FakeEvent:
-    def __init__(self, offset: int, valid: bool = True):
-        self.message = SimpleNamespace(tp=("events", 0), offset=offset)
+    def __init__(self, offset: int, valid: bool = True, topic: str = "events"):
+        self.message = SimpleNamespace(tp=(topic, 0), topic=topic, partition=0, offset=offset)
         self.valid, self.value = valid, b'{"event_id": "e%d"}' % offset
+
+
+FAILING = {13, 23}  # offsets whose output cannot be sent (a fault of the processing)
 
 
 @pytest.fixture
@@ -59,10 +62,16 @@ def log(monkeypatch):
         return prepared
 
     async def send_output(topic, faust_event, key, value):
-        if value == 13:
-            raise RuntimeError("broker gone")
+        if value in FAILING:
+            raise RuntimeError("broken record")
         log.append(("send", value))
         return f"future-{value}"
+
+    async def dead_letter(fe, rejection, now_ms):
+        log.append(("dlq", fe.message.offset, rejection.reason))
+
+    async def apply_control(fe):
+        log.append(("control", fe.message.offset))
 
     monkeypatch.setattr(pipeline, "prepare_segment", prepare)
     monkeypatch.setattr(pipeline, "score", score)
@@ -70,14 +79,16 @@ def log(monkeypatch):
     monkeypatch.setattr(pipeline, "render_outputs", lambda pending, *a: [
         p.faust_event.message.offset for p in pending])
     monkeypatch.setattr(pipeline, "send_output", send_output)
+    monkeypatch.setattr(pipeline, "dead_letter", dead_letter)
+    monkeypatch.setattr(pipeline, "apply_control", apply_control)
     monkeypatch.setattr(pipeline, "delivered_by", lambda fe, *futures: log.append(
         ("processed", fe.message.offset, futures)))
     return log
 
 
-def run_batches(batches, overlap: bool, after_each=lambda: None):
+def run_batches(batches, overlap: bool, after_each=lambda: None, max_failures: int = 5):
     async def run():
-        pipe = pipeline.BatchPipeline(overlap=overlap)
+        pipe = pipeline.BatchPipeline(overlap=overlap, max_failures=max_failures)
         for batch in batches:
             await pipe.submit(batch)
             after_each()
@@ -113,16 +124,46 @@ def test_exactly_once_finishes_each_batch_before_the_next(log):
     assert ("send", 1) in seen_after_submit[1]
 
 
-def test_a_failed_batch_is_not_counted_and_the_next_goes_on(log):
-    run_batches([[FakeEvent(12), FakeEvent(13)], [FakeEvent(14)]], overlap=True)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failed_batch_is_redone_one_by_one_and_a_record_failing_twice_is_dead_lettered(
+        log, overlap):
+    run_batches([[FakeEvent(12), FakeEvent(13)], [FakeEvent(14)]], overlap=overlap)
     processed = [entry[1] for entry in log if entry[0] == "processed"]
-    assert processed == [12, 14]  # 13 stays undone: its offset is not committed
+    assert processed == [12, 12, 14]  # 12 sent again (a counted duplicate); 13 never counted
+    assert ("dlq", 13, "processing_failed") in log
+    assert log.index(("dlq", 13, "processing_failed")) < log.index(("send", 14))
 
 
-def test_exactly_once_lets_a_failed_batch_fail_the_agent(log):
-    """Faust would ack it when the agent asks for the next batch: it must not go on."""
-    with pytest.raises(RuntimeError, match="broker gone"):
-        run_batches([[FakeEvent(13)]], overlap=False)
+def test_a_batch_failing_before_scoring_is_redone_one_by_one(log, monkeypatch):
+    prepare = pipeline.prepare_segment
+
+    async def fragile(events):
+        if any(fe.message.offset == 5 for fe in events):
+            raise ValueError("a value the code does not expect")
+        return await prepare(events)
+
+    monkeypatch.setattr(pipeline, "prepare_segment", fragile)
+    run_batches([[FakeEvent(4), FakeEvent(5), FakeEvent(6)]], overlap=True)
+    assert [entry[1] for entry in log if entry[0] == "send"] == [4, 6]
+    assert ("dlq", 5, "processing_failed") in log
+
+
+def test_failures_in_a_row_stop_the_agent_instead_of_dead_lettering_the_stream(log):
+    with pytest.raises(pipeline.WorkerFault, match="2 records in a row"):
+        run_batches([[FakeEvent(13), FakeEvent(23)]], overlap=True, max_failures=2)
+    assert [entry for entry in log if entry[0] == "dlq"] == [("dlq", 13, "processing_failed")]
+
+
+def test_a_success_between_failures_resets_the_count(log):
+    run_batches([[FakeEvent(13)], [FakeEvent(1)], [FakeEvent(23)]], overlap=True, max_failures=2)
+    assert [entry[1] for entry in log if entry[0] == "dlq"] == [13, 23]
+
+
+def test_a_control_record_splits_the_batch_and_follows_what_came_before(log):
+    control = FakeEvent(2, topic=pipeline.settings.topic_control)
+    run_batches([[FakeEvent(0), FakeEvent(1), control, FakeEvent(3)]], overlap=True)
+    steps = [entry[:2] for entry in log if entry[0] in ("send", "control")]
+    assert steps == [("send", 0), ("send", 1), ("control", 2), ("send", 3)]
 
 
 def test_state_table_codec_reads_fausts_json_and_writes_json():

@@ -54,12 +54,30 @@ def test_a_put_writes_the_record_faust_would_write_to_the_events_partition(direc
     assert states.get("üser-1") == state == table.get("üser-1")
 
 
-def test_a_delete_writes_a_tombstone_and_an_absent_key_writes_nothing(direct):
+def test_a_delete_writes_a_tombstone_held_or_not(direct):
     states, producer, table = direct
     asyncio.run(states.put(record(1), "u", {"n_events": 1}))
-    assert asyncio.run(states.delete(record(1), "u")) is True
+    asyncio.run(states.delete(record(1), "u"))
     assert producer.sent[-1] == (table.changelog_topic.get_topic_name(), b'"u"', None, 1)
     assert states.get("u") is None
 
-    assert asyncio.run(states.delete(record(1), "never-seen")) is False
-    assert len(producer.sent) == 2
+    asyncio.run(states.delete(record(0), "never-seen"))  # a forget is recorded all the same
+    assert producer.sent[-1][1:] == (b'"never-seen"', None, 0) and len(producer.sent) == 3
+
+
+def test_a_rewrite_comes_when_due_with_the_keys_value_then(direct):
+    """The second write of a forget: a tombstone if the user stayed away, else their new state
+    (never a tombstone over a state written since)."""
+    states, producer, table = direct
+    states.rewrite_later(2, "gone", due=10.0)
+    states.rewrite_later(3, "back", due=5.0)
+    asyncio.run(states.put(record(3), "back", {"n_events": 1}))
+    sent = len(producer.sent)
+    asyncio.run(states.rewrite_due(4.9))
+    assert len(producer.sent) == sent
+    asyncio.run(states.rewrite_due(10.0))
+    assert producer.sent[sent:] == [(table.changelog_topic.get_topic_name(), b'"back"',
+                                     b'{"n_events":1}', 3),
+                                    (table.changelog_topic.get_topic_name(), b'"gone"', None, 2)]
+    asyncio.run(states.rewrite_due(99.0))
+    assert len(producer.sent) == sent + 2

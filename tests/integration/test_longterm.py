@@ -11,18 +11,11 @@ from helpers import collect, make_events, send
 from streams.bundle import load_bundle
 from streams.kafka_clients import ensure_topics
 from streams.local import LocalRedis
-from streams.longterm import (DIRTY, LongTermStore, forget_user, hist_key, read_histories,
+from streams.longterm import (DIRTY, HistoryAppend, LongTermStore, forget_user, hist_key, read_histories,
                               read_vector, redis_client, take_dirty, write_vectors)
 from streams.refresher import LongTermRefresher
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def redis_sync(stack):
-    client = redis_client(stack["redis"], None, timeout=5.0, asyncio_client=False)
-    yield client
-    client.close()
 
 
 def test_vectors_are_versioned_and_written_whole(redis_sync):
@@ -52,7 +45,9 @@ def test_one_batch_reads_vectors_appends_caps_and_marks_dirty(stack, redis_sync)
         store.pending_forgets.add(c)  # an erasure that could not be applied earlier
         try:
             return await store.sync_batch(
-                [(a, "1"), (b, "2"), (a, "3\t0.5"), (b, "4"), (b, "5")], [a, b, c])
+                [HistoryAppend(a, "1", "a0", 1), HistoryAppend(b, "2", "b0", 1),
+                 HistoryAppend(a, "3\t0.5", "a0", 2), HistoryAppend(b, "4", "b0", 2),
+                 HistoryAppend(b, "5", "b0", 3)], [a, b, c])
         finally:
             await store.close()
 
@@ -63,6 +58,33 @@ def test_one_batch_reads_vectors_appends_caps_and_marks_dirty(stack, redis_sync)
     assert redis_sync.sismember(DIRTY, a) and redis_sync.sismember(DIRTY, b)
     assert not redis_sync.sismember(DIRTY, c) and read_vector(redis_sync, c, "other-model", 4) is None
     redis_sync.srem(DIRTY, a, b)
+
+
+def test_a_retried_write_appends_nothing_twice_and_a_new_lineage_starts_over(stack, redis_sync):
+    """A write that timed out on the worker's side may still run; the worker then sends the
+    same appends again (its buffer). Each event is in the history once."""
+    import asyncio
+
+    user = f"retry{time.time_ns()}"
+    first = [HistoryAppend(user, item, "e1", pos) for pos, item in ((1, "1"), (2, "2"))]
+    later = [HistoryAppend(user, "3", "e1", 3)]
+
+    async def run():
+        store = LongTermStore(redis_client(stack["redis"], None, 5.0), "m1", 4, history_cap=10,
+                              timeout_s=5.0, retry_s=1.0)
+        try:
+            await store.sync_batch(first, [user])
+            await store.sync_batch(first + later, [user])  # the retry, with what came since
+            await store.sync_batch(later, [user])
+            # a forget erased the user's keys, or their state was lost: a new lineage
+            await store.sync_batch([HistoryAppend(user, "4", "e9", 1)], [user])
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    assert [item for item, _ in read_histories(redis_sync, [user])[0]] == ["1", "2", "3", "4"]
+    assert forget_user(redis_sync, user) == 2  # history and its place
+    redis_sync.srem(DIRTY, user)
 
 
 def test_refresher_advances_version_and_recommendations_change(stack, quick_bundle, workers,

@@ -67,9 +67,11 @@ def test_a_forget_amid_a_users_burst_leaves_only_what_came_after(stack, quick_bu
     events = [e.__class__(f"b{i}", user, e.item_id, "click", e.ts)
               for i, e in enumerate(make_events(5, items=items))]
     prod = producer(settings, settings.kafka_bootstrap_servers)
-    for record in ([e.to_json() for e in events[:3]] + [forget_record(user)]
-                   + [e.to_json() for e in events[3:]]):
-        prod.produce(settings.topic_events, key=user.encode(), value=record)
+    for topic, record in ([(settings.topic_events, e.to_json()) for e in events[:3]]
+                          + [(settings.topic_control, forget_record(user))]
+                          + [(settings.topic_events, e.to_json()) for e in events[3:]]):
+        prod.produce(topic, key=user.encode(), value=record)
+        prod.flush(30)  # in this order on the broker
     assert prod.flush(30) == 0
     out = collect(settings, settings.topic_recommendations, 5)
     assert [r["event_id"] for r in out] == [e.event_id for e in events]

@@ -49,11 +49,11 @@ def test_bad_events_go_to_dlq_while_good_ones_flow(stack, quick_bundle, workers)
     good = make_events(20, items=items)
     bad = [b"{not json", b"\xff\xfe\x00binary", b"[1,2]",
            json.dumps({"event_id": "x", "user_id": "u", "item_id": "no-such-item",
-                       "event_type": "click", "ts": 1}).encode(),
+                       "event_type": "click", "ts": 1_800_000_000_000 // 2}).encode(),
            json.dumps({"event_id": "x", "user_id": "u", "item_id": items[0],
                        "event_type": "click", "ts": 10**15}).encode(),
            json.dumps({"event_id": "x", "user_id": 3.5, "item_id": items[0],
-                       "event_type": "click", "ts": 1}).encode(),
+                       "event_type": "click", "ts": 1_800_000_000_000 // 2}).encode(),
            b"{" + b" " * 10_000 + b"}"]
     send(settings, good[:10], raw=bad)
     send(settings, good[10:])
