@@ -12,8 +12,7 @@ import pytest
 from conftest import ROOT, settings_env, unique_settings
 from helpers import collect, make_events, send
 from streams.bundle import load_bundle
-from streams.events import forget_record
-from streams.kafka_clients import ensure_topics, producer
+from streams.kafka_clients import ensure_topics
 from streams.local import LocalRedis, free_port
 from streams.longterm import hist_key, redis_client, vec_key
 from streams.refresher import LongTermRefresher
@@ -53,30 +52,6 @@ def test_forget_erases_state_history_and_vector(stack, quick_bundle, workers):
     assert state["n_events"] == 2 and state["event_ids"] == ["later-0", "later-1"]  # fresh start
     assert client.lrange(hist_key(user), 0, -1) == [items[0].encode(), items[1].encode()]
     client.close()
-
-
-def test_a_forget_amid_a_users_burst_leaves_only_what_came_after(stack, quick_bundle, workers):
-    """Events, the forget and more events in one burst on one partition: every event gets its
-    output and the changelog ends with the state of the later events alone (the agent splits
-    its batch at the forget; the state's tombstone and the later state keep their order)."""
-    settings = unique_settings(stack, quick_bundle)
-    ensure_topics(settings, stack["kafka"])
-    workers(settings)
-    items = load_bundle(quick_bundle).items.item_ids[:10]
-    user = "forget-mid-burst"
-    events = [e.__class__(f"b{i}", user, e.item_id, "click", e.ts)
-              for i, e in enumerate(make_events(5, items=items))]
-    prod = producer(settings, settings.kafka_bootstrap_servers)
-    for topic, record in ([(settings.topic_events, e.to_json()) for e in events[:3]]
-                          + [(settings.topic_control, forget_record(user))]
-                          + [(settings.topic_events, e.to_json()) for e in events[3:]]):
-        prod.produce(topic, key=user.encode(), value=record)
-        prod.flush(30)  # in this order on the broker
-    assert prod.flush(30) == 0
-    out = collect(settings, settings.topic_recommendations, 5)
-    assert [r["event_id"] for r in out] == [e.event_id for e in events]
-    state = final_states(settings, 1)[user]
-    assert state is not None and state["event_ids"] == ["b3", "b4"] and state["n_events"] == 2
 
 
 def test_redis_password_is_used_and_never_logged(stack, quick_bundle, workers, tmp_path):
