@@ -64,11 +64,15 @@ def main_thread_cpu_s(pid: int) -> float:
     return _cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
+BENCH_T0 = 1_700_000_000_000  # the synthetic events' first ts (epoch ms)
+
+
 def base_events(settings: Settings, bundle) -> list[Event]:
     if (settings.data_dir / "u.data").is_file():
         return list(read_recorded(settings.data_dir / "u.data"))
     rng, items = random.Random(0), bundle.items.item_ids
-    return [Event(f"s{i}", f"u{rng.randrange(1000)}", rng.choice(items), "click", i) for i in range(100_000)]
+    return [Event(f"s{i}", f"u{rng.randrange(1000)}", rng.choice(items), "click", BENCH_T0 + i)
+            for i in range(100_000)]
 
 
 def stream_of(base: list[Event], n: int) -> list[Event]:
@@ -91,6 +95,7 @@ class Bench:
         tag = uuid.uuid4().hex[:6]
         return dataclasses.replace(self.settings, topic_events=f"bench-ev-{tag}",
                                    topic_recommendations=f"bench-out-{tag}", topic_dlq=f"bench-dlq-{tag}",
+                                   topic_control=f"bench-ctl-{tag}",
                                    app_id=f"bench-{tag}", kafka_bootstrap_servers=self.kafka,
                                    redis_url=self.redis, **overrides)
 
@@ -98,7 +103,8 @@ class Bench:
         return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.kafka, REDIS_URL=self.redis,
                     BUNDLE_DIR=str(s.bundle_dir), WEB_PORT=str(free_port()), APP_ID=s.app_id,
                     TOPIC_EVENTS=s.topic_events, TOPIC_RECOMMENDATIONS=s.topic_recommendations,
-                    TOPIC_DLQ=s.topic_dlq, PARTITIONS=str(s.partitions), LOG_LEVEL="WARNING",
+                    TOPIC_DLQ=s.topic_dlq, TOPIC_CONTROL=s.topic_control,
+                    PARTITIONS=str(s.partitions), LOG_LEVEL="WARNING",
                     MAX_FUTURE_SKEW_S=str(10**9), STATE_DIR=str(s.state_dir / "bench"))
 
     def preload(self, s: Settings, events: list[Event], restamp: bool = False) -> None:
@@ -258,8 +264,8 @@ class Bench:
 
     def state_size(self, base: list[Event], users: int) -> dict:
         """Worker RSS once `users` distinct users have short-term state (2 events each)."""
-        events = [Event(f"st-{u}-{j}", f"st{u}", base[(u * 2 + j) % len(base)].item_id, "click", j)
-                  for u in range(users) for j in range(2)]
+        events = [Event(f"st-{u}-{j}", f"st{u}", base[(u * 2 + j) % len(base)].item_id, "click",
+                        BENCH_T0 + j) for u in range(users) for j in range(2)]
         result = self.agent_throughput("worker", events)
         return {"users": users, "events": len(events), "rss_mb": result["rss_mb"],
                 "events_per_s": result["events_per_s"]}

@@ -34,7 +34,8 @@ def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: in
     tag = uuid.uuid4().hex[:6]
     settings = dataclasses.replace(settings, topic_events=f"eval-events-{tag}",
                                    topic_recommendations=f"eval-recs-{tag}",
-                                   topic_dlq=f"eval-dlq-{tag}", app_id=f"eval-{tag}")
+                                   topic_dlq=f"eval-dlq-{tag}", topic_control=f"eval-ctl-{tag}",
+                                   app_id=f"eval-{tag}")
     stack = LocalStack(settings.state_dir / f"eval-{tag}")
     children = Children(settings.state_dir / "logs")
     try:
@@ -44,7 +45,8 @@ def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: in
                    BUNDLE_DIR=str(settings.bundle_dir), WEB_PORT=str(free_port()),
                    TOPIC_EVENTS=settings.topic_events,
                    TOPIC_RECOMMENDATIONS=settings.topic_recommendations,
-                   TOPIC_DLQ=settings.topic_dlq, APP_ID=settings.app_id, LONG_TERM_REFRESH_S="2",
+                   TOPIC_DLQ=settings.topic_dlq, TOPIC_CONTROL=settings.topic_control,
+                   APP_ID=settings.app_id, LONG_TERM_REFRESH_S="2",
                    MAX_FUTURE_SKEW_S=str(10**9))
         children.start(f"eval-worker-{tag}", ["worker"], env)
         children.start(f"eval-refresher-{tag}", ["refresher"], env)
