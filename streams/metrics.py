@@ -11,7 +11,8 @@ GC_FROZEN = Gauge("python_gc_frozen_objects", "Objects hidden from the cycle col
                   registry=REGISTRY)
 GC_FROZEN.set_function(gc.get_freeze_count)
 
-EVENTS_IN = Counter("events_in_total", "Records read from the events topic", registry=REGISTRY)
+EVENTS_IN = Counter("events_in_total", "Records read from the events and control topics",
+                    registry=REGISTRY)
 EVENTS_OUT = Counter("recommendations_out_total", "Recommendations published", registry=REGISTRY)
 EVENTS_DLQ = Counter("events_dead_lettered_total", "Records sent to the DLQ", ["reason"],
                      registry=REGISTRY)

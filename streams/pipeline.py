@@ -249,6 +249,8 @@ class BatchPipeline:
         """Take a micro-batch; control records split it so that order per user is kept."""
         if self.fault is not None:
             raise self.fault
+        metrics.EVENTS_IN.inc(len(events))
+        metrics.BATCH_SIZE.observe(len(events))
         segment = []
         for fe in events:
             if fe.message.topic != settings.topic_control:
@@ -409,8 +411,6 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
     """Validate (bad records to the DLQ), update state, one Redis round trip, the models' inputs."""
     rt = runtime()
     now_ms = int(time.time() * 1000)
-    metrics.EVENTS_IN.inc(len(events))
-    metrics.BATCH_SIZE.observe(len(events))
     valid, partitions = [], settings.partitions
     for fe in events:
         result = decode_event(fe.value, rt.rules, now_ms)

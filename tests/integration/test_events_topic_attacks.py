@@ -71,15 +71,25 @@ def test_records_up_to_the_broker_limit_are_dead_lettered_in_every_encoding(
         prod.produce(settings.topic_events, key=b"raw", value=value,
                      headers=[("trace-id", b"t-1")])
     prod.produce(settings.topic_events, key=b"k" * 500_000, value=big_key_event.to_json())
+    now = int(time.time() * 1000)
+    small = {b"": "empty_payload",
+             json.dumps({"event_id": "e", "user_id": "u" * 129, "item_id": items[0],
+                         "event_type": "click", "ts": now}).encode(): "id_too_long",
+             json.dumps({"event_id": "e", "user_id": "u", "item_id": items[0],
+                         "event_type": "click", "ts": now // 1000}).encode(): "invalid_ts"}
+    for value in small:
+        prod.produce(settings.topic_events, key=b"u", value=value)
     assert prod.flush(60) == 0
     good = make_events(10, items=items)
     send(settings, good)
 
     out = collect(settings, settings.topic_recommendations, 0, until_ids={e.event_id for e in good})
     assert {r["event_id"] for r in out} == {e.event_id for e in good}
-    dlq = collect(settings, settings.topic_dlq, len(values) + 1, settle=1.0)
-    assert len(dlq) == len(values) + 1
+    dlq = collect(settings, settings.topic_dlq, len(values) + 1 + len(small), settle=1.0)
+    assert len(dlq) == len(values) + 1 + len(small)
+    assert sorted(d["reason"] for d in dlq if d["key"] == "u") == sorted(small.values())
     by_size = {d["payload_size"]: d for d in dlq if d["reason"] == "payload_too_large"}
+    assert len(by_size) == len(values)
     for value in values:
         rec = by_size[len(value)]
         assert rec["payload_truncated"] and rec["payload_sha256"] == hashlib.sha256(value).hexdigest()
