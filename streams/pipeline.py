@@ -468,12 +468,13 @@ async def recommend(stream):
             if committer is not None:
                 events = committer.fresh(events)
             await pipeline.submit(events)
-        await pipeline.flush()
     except Exception as exc:
         crashed(exc)
-        await pipeline.abandon()
     finally:
-        await commit_processed_offsets()  # what was delivered is not redone
+        # A stop (or a crash) lets the batch in flight deliver, then commits what was
+        # delivered: a clean stop re-publishes nothing.
+        await pipeline.abandon()
+        await commit_delivered()
 
 
 def crashed(exc: BaseException) -> None:
@@ -495,8 +496,8 @@ async def rewrite_forgotten_states():
     await state_table.rewrite_due(time.monotonic())
 
 
-@app.timer(settings.commit_interval_s)
-async def commit_processed_offsets():
+async def commit_delivered() -> None:
+    """Commit the input offsets whose records are processed and delivered (at-least-once)."""
     if committer is None:
         return
     try:
@@ -504,6 +505,13 @@ async def commit_processed_offsets():
     except Exception as exc:  # broker away, a rebalance mid-commit, or stopping: redone later
         log.warning("offset commit failed (retried every %.1f s): %r",
                     settings.commit_interval_s, exc)
+
+
+# Faust's timer loops until the app stops, so the agent's last commit calls the function above,
+# not this (called during a stop, the timer returns without running it).
+@app.timer(settings.commit_interval_s)
+async def commit_processed_offsets():
+    await commit_delivered()
 
 
 recovery_watch = RecoveryWatch(settings.recovery_stall_s)
