@@ -314,8 +314,8 @@ class BatchPipeline:
                     await self.process_alone(fe)
                     error = None
                     break
-                except Exception as exc:
-                    error = exc
+                except Exception as err:
+                    error = err
             if error is None:
                 self.failures_in_row = 0
                 continue
