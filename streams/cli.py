@@ -118,10 +118,11 @@ def cmd_replay(settings: Settings, args) -> int:
     from .kafka_clients import ensure_topics, produce, producer
     from .replay import Pacer, parse_time, read_recorded, replay
 
+    # the file first: a wrong path is told before anything waits on a broker
+    events = list(read_recorded(args.file, args.limit, parse_time(args.start), parse_time(args.end)))
     bootstrap = _bootstrap(settings)
     ensure_topics(settings, bootstrap)
     prod = producer(settings, bootstrap)
-    events = list(read_recorded(args.file, args.limit, parse_time(args.start), parse_time(args.end)))
     prefix = args.user_prefix
 
     def send(event):
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streams",
         description="interest-stream: real-time recommendations fusing short- and long-term interests.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also with LOG_LEVEL=DEBUG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {name: sub.add_parser(name, help=help_, description=help_)
                for name, (_, help_) in COMMANDS.items()}
@@ -313,12 +316,15 @@ def settings_default_data():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("LOG_LEVEL", "").upper() == "DEBUG"
     try:
         settings = Settings.from_env()
         logging.basicConfig(level=settings.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return COMMANDS[args.command][0](settings, args)
     except InterestStreamError as exc:
+        if debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,9 +15,38 @@ from .errors import ConfigError, InfraError
 log = logging.getLogger(__name__)
 
 
+class OncePerKind(logging.Filter):
+    """librdkafka repeats a failing connection's error every few ms: keep one line per kind
+    (its facility, e.g. FAIL) every `interval_s`."""
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = str(record.msg).split(" ", 1)[0]
+        now = time.monotonic()
+        if now - self.last.get(kind, -1e9) < self.interval_s:
+            return False
+        self.last[kind] = now
+        return True
+
+
+def rdkafka_logger(settings: Settings) -> logging.Logger:
+    """librdkafka's log lines through Python logging: errors only (its warnings are expected
+    start-up retries, e.g. "Coordinator load in progress" on a fresh broker), all of them at
+    LOG_LEVEL=DEBUG; the clients' own calls report what fails."""
+    logger = logging.getLogger("librdkafka")
+    if not logger.filters:
+        logger.addFilter(OncePerKind())
+    logger.setLevel(logging.DEBUG if settings.log_level.upper() == "DEBUG" else logging.ERROR)
+    return logger
+
+
 def client_config(settings: Settings, bootstrap: str) -> dict:
     """Base librdkafka config, security settings included (secrets never logged)."""
-    conf = {"bootstrap.servers": bootstrap,
+    conf = {"bootstrap.servers": bootstrap, "logger": rdkafka_logger(settings),
             "security.protocol": settings.kafka_security_protocol.lower()}
     if settings.kafka_sasl_mechanism:
         conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
@@ -73,9 +102,11 @@ def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0,
 
     admin = AdminClient(client_config(settings, bootstrap))
     try:
-        existing = admin.list_topics(timeout=timeout).topics
+        existing = admin.list_topics(timeout=min(timeout, 15.0)).topics
     except Exception as exc:
-        raise InfraError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+        raise InfraError(f"cannot reach Kafka at {bootstrap} ({exc}); check "
+                         "KAFKA_BOOTSTRAP_SERVERS, or start the local one with "
+                         "`python -m streams up`") from None
     wanted = [(settings.topic_events, settings.partitions, {}),
               (settings.topic_control, settings.partitions, {}),
               (settings.topic_recommendations, settings.partitions, {}),

@@ -15,9 +15,15 @@ from typing import Iterator
 
 import orjson
 
+from .errors import InterestStreamError
 from .events import Event
 
 log = logging.getLogger(__name__)
+GENERIC_COLUMNS = "user_id, item_id, ts (or timestamp); optional event_type, event_id"
+
+
+class RecordingError(InterestStreamError):
+    """A recorded stream cannot be read: missing file, or not an event log."""
 
 
 def _event_id(prefix: str, user: str, item: str, ts_ms: int, event_type: str) -> str:
@@ -41,21 +47,40 @@ def _movielens_rows(path: Path) -> Iterator[Event]:
 
 
 def _generic_rows(path: Path) -> Iterator[Event]:
-    with open(path, encoding="utf-8") as handle:
-        rows = (orjson.loads(line) for line in handle if line.strip()) \
-            if path.suffix in (".jsonl", ".ndjson") else csv.DictReader(handle)
-        for row in rows:
-            user, item = str(row["user_id"]), str(row["item_id"])
-            ts = _to_ms(row.get("ts", row.get("timestamp")))
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        jsonl = path.suffix in (".jsonl", ".ndjson")
+        rows = _json_lines(path, handle) if jsonl else csv.DictReader(handle)
+        for number, row in enumerate(rows, start=1 if jsonl else 2):
+            try:
+                user, item = str(row["user_id"]), str(row["item_id"])
+                ts = _to_ms(row.get("ts", row.get("timestamp")))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                found = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                raise RecordingError(
+                    f"{path} line {number} is not an event: expected {GENERIC_COLUMNS}; "
+                    f"found {found[:200] or 'nothing'}") from None
             event_type = str(row.get("event_type") or "click")
             event_id = str(row.get("event_id") or _event_id("ev", user, item, ts, event_type))
             yield Event(event_id, user, item, event_type, ts)
+
+
+def _json_lines(path: Path, handle) -> Iterator[dict]:
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise RecordingError(f"{path} line {number} is not JSON: {line[:80]!r}") from None
 
 
 def read_recorded(path: str | Path, limit: int | None = None, start_ms: int | None = None,
                   end_ms: int | None = None) -> Iterator[Event]:
     """Events of a recorded stream, ordered by ts (stable), optionally windowed and limited."""
     path = Path(path)
+    if not path.is_file():
+        raise RecordingError(f"{path}: no such file (a MovieLens u.data, or a CSV/JSONL log "
+                             f"with {GENERIC_COLUMNS})")
     rows = _movielens_rows(path) if path.name == "u.data" or path.suffix == ".data" \
         else _generic_rows(path)
     events = sorted(rows, key=lambda e: e.ts)
