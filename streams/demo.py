@@ -129,6 +129,7 @@ def run_demo(settings: Settings, events: int = 0, rate: float = 20.0, quick: boo
                    LONG_TERM_REFRESH_S=str(min(settings.long_term_refresh_s, 5.0)))
         children.start("worker", ["worker"], env)
         children.start("refresher", ["refresher"], env)
+        wait_ready(int(env["WEB_PORT"]), children)
         port = settings.dashboard_port if _port_free(settings.dashboard_port) else free_port()
         children.start("dashboard", ["dashboard"], dict(env, DASHBOARD_PORT=str(port)))
         print(f"worker, refresher and dashboard started (logs in {children.log_dir})")
@@ -180,6 +181,26 @@ def _feed_and_show(settings, kafka, bundle, n_events, rate, children) -> int:
     print(f"published {received} recommendations for {sent} events in {elapsed:.1f}s "
           f"({received / max(elapsed, 1e-9):.1f}/s)")
     return 0
+
+
+def wait_ready(port: int, children: Children, timeout_s: float = 180.0) -> None:
+    """Wait until the worker has its partitions and their state (its /healthz `ready`), so the
+    first events are served at once rather than queued behind the group join."""
+    import urllib.request
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        children.check()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
+                if json.loads(reply.read()).get("ready"):
+                    print(f"worker ready in {time.monotonic() - started:.1f}s", flush=True)
+                    return
+        except OSError:  # not listening yet, or 503
+            pass
+        time.sleep(0.2)
+    raise InfraError(f"the worker was not ready after {timeout_s:.0f}s; see "
+                     f"{children.log_dir / 'worker.log'}")
 
 
 def _port_free(port: int) -> bool:

@@ -527,11 +527,21 @@ async def metrics_page(web_view, request):
     return web_view.bytes(metrics.render(), content_type="text/plain")
 
 
+def ready() -> bool:
+    """Partitions assigned and their state recovered: an event sent now is served at once."""
+    try:
+        recovery = app.tables.recovery
+        return (recovery.completed.is_set() and not recovery.in_recovery
+                and any(tp.topic == settings.topic_events for tp in app.consumer.assignment()))
+    except Exception:  # not started yet
+        return False
+
+
 @app.page("/healthz")
 async def health_page(web_view, request):
     rt = _runtime
     ok = rt is not None and health.ok
-    return web_view.json({"ok": ok, "agent": health.describe(),
+    return web_view.json({"ok": ok, "ready": ok and ready(), "agent": health.describe(),
                           "redis_up": bool(rt and rt.store and rt.store.up),
                           "model_version": rt.bundle.version if rt else None},
                          status=200 if ok else 503)

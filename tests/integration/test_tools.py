@@ -179,3 +179,23 @@ def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
     assert "event-loop thread cores" in done.stdout and "event-loop CPU us/event" in done.stdout
     assert r["loop_cpu_ratio"] == round(r["passthrough"]["loop_us_per_event"]
                                         / r["pipeline"]["loop_us_per_event"], 3)
+
+
+def test_demo_twice_on_one_state_waits_for_its_worker_and_republishes_nothing(
+        stack, quick_bundle, tmp_path):
+    """Two headless demos in a row on the same state: each publishes its own events only (a
+    stopped worker committed what it had published), and each sends its first event once
+    its worker is ready."""
+    settings = unique_settings(stack, quick_bundle, state_dir=tmp_path / "state",
+                               data_dir=tmp_path / "no-movielens")
+    runs = [cli(settings, "demo", "--events", "40", "--rate", "100", timeout=300)
+            for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        lines = done.stdout.splitlines()
+        ready = next(i for i, line in enumerate(lines) if line.startswith("worker ready in"))
+        first = next(i for i, line in enumerate(lines) if line.startswith("[1] user"))
+        assert ready < first
+        assert "published 40 recommendations for 40 events" in done.stdout
+    out = collect(settings, settings.topic_recommendations, 80, settle=3.0)
+    assert len(out) == 80  # 40 per run: nothing of the first run was published again
