@@ -136,6 +136,13 @@ class LongTermStore:
         self.down_until = 0.0
         self.up = True
         self.pending_forgets: set[str] = set()  # erasures to redo when Redis is back
+        self._lock = asyncio.Lock()
+
+    async def retry_pending(self) -> None:
+        """Write what waits for a Redis that was down, without waiting for the next batch
+        (called periodically: a quiet stream would otherwise keep it until more events)."""
+        if not self.up and (self.pending or self.pending_forgets):
+            await self.sync_batch((), ())
 
     async def sync_batch(self, appends: Iterable[HistoryAppend], users: Sequence[str]
                          ) -> dict[str, LongTermVector] | None:
@@ -146,6 +153,10 @@ class LongTermStore:
         self.pending.extend(appends)
         if time.monotonic() < self.down_until:
             return None
+        async with self._lock:  # one round trip at a time: each pops what it sent
+            return await self._sync(users)
+
+    async def _sync(self, users: Sequence[str]) -> dict[str, LongTermVector] | None:
         batch_appends = list(self.pending)
         forgets = list(self.pending_forgets)
         pipe = self.client.pipeline(transaction=False)
@@ -174,6 +185,10 @@ class LongTermStore:
 
     async def forget(self, user: str) -> None:
         """Erase the user's history, vector and dirty mark (and appends still pending)."""
+        async with self._lock:
+            await self._forget(user)
+
+    async def _forget(self, user: str) -> None:
         self.pending = deque((a for a in self.pending if a.user != user), maxlen=PENDING_CAP)
         pipe = self.client.pipeline(transaction=True)
         queue_erase(pipe, user)

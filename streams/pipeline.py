@@ -490,6 +490,15 @@ def crashed(exc: BaseException) -> None:
                                           signal.SIGTERM)
 
 
+@app.timer(settings.redis_retry_s)
+async def retry_redis():
+    """History appends and erasures kept while Redis was down go out once it is back, even if
+    no event comes to carry them."""
+    rt = _runtime
+    if rt is not None and rt.store is not None:
+        await rt.store.retry_pending()
+
+
 @app.timer(1.0)
 async def rewrite_forgotten_states():
     """A forget's tombstone written again once FORGET_WITHIN_S has passed (`StateTable`)."""

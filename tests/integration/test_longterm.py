@@ -155,3 +155,37 @@ def test_redis_down_degrades_then_recovers(stack, quick_bundle, workers, tmp_pat
     finally:
         client.close()
         redis.stop()
+
+
+def test_appends_kept_while_redis_was_down_go_out_without_new_events(tmp_path):
+    """The worker calls retry_pending on a timer: a quiet stream does not hold them back."""
+    import asyncio
+
+    from streams.local import LocalRedis
+
+    redis = LocalRedis(tmp_path / "redis")
+    url = redis.start()
+    redis.stop()
+
+    async def run():
+        store = LongTermStore(redis_client(url, None, 0.5), "m1", 4, history_cap=10,
+                              timeout_s=0.5, retry_s=0.1)
+        try:
+            assert await store.sync_batch([HistoryAppend("q", "1", "e1", 1)], ["q"]) is None
+            assert not store.up and len(store.pending) == 1
+            redis.start()  # same port
+            deadline = time.monotonic() + 20
+            while store.pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                await store.retry_pending()
+            return store.up
+        finally:
+            await store.close()
+
+    try:
+        assert asyncio.run(run())
+        client = redis_client(url, None, 5.0, asyncio_client=False)
+        assert read_histories(client, ["q"]) == [[("1", 1.0)]]
+        client.close()
+    finally:
+        redis.stop()
