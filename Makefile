@@ -12,11 +12,11 @@ PYTEST_ARGS ?=
 
 .PHONY: install infra browser demo test models evaluate quality bench clean
 
+# One resolution for everything, so click stays < 8.4 for faust-streaming; the build
+# backend's warnings are silenced (its errors still fail the install).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	# one resolution for everything, so click stays < 8.4 for faust-streaming; the build
-	# backend's warnings are silenced (its errors still fail the install)
 	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet -e '.[export,dev]'
 	@touch $(STAMP)
 
