@@ -19,8 +19,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -32,7 +33,7 @@ PENDING_CAP = 200_000
 
 # One batch in one command: read the users' vectors, append the events to the histories, cap
 # them, mark their users dirty. KEYS = dirty set, n vector keys, m history keys and m place
-# keys (one each per append); ARGV = n, cap, then per append: entry, user, lineage, position.
+# keys (one each per append); ARGV = n, cap, then per append: user, entry, lineage, position.
 # An append at or before the place its user's history last recorded in the same lineage is a
 # retry (a write that timed out on the worker's side and ran later): skipped, so a history
 # never counts an event twice. Sent as one EVAL instead of ~2 commands per event (redis-py
@@ -40,7 +41,7 @@ PENDING_CAP = 200_000
 SYNC_BATCH = """
 local n, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local m = (#KEYS - 1 - n) / 2
-local vectors, dirty = {}, {}
+local vectors, dirty, places = {}, {}, {}
 for i = 1, n do
   vectors[i] = redis.call('HMGET', KEYS[1 + i], 'vec', 'version', 'ts', 'model')
 end
@@ -48,11 +49,21 @@ for j = 1, m do
   local hist, place = KEYS[1 + n + j], KEYS[1 + n + m + j]
   local at = 2 + 4 * (j - 1)
   local since, pos = ARGV[at + 3], tonumber(ARGV[at + 4])
-  local known = redis.call('HMGET', place, 'since', 'pos')
-  if known[1] ~= since or not known[2] or pos > tonumber(known[2]) then
-    redis.call('RPUSH', hist, ARGV[at + 1])
-    redis.call('HSET', place, 'since', since, 'pos', pos)
-    dirty[hist] = ARGV[at + 2]
+  local known = places[place]
+  if not known then  -- read once per user and batch, written back once below
+    local stored = redis.call('HMGET', place, 'since', 'pos')
+    known = {since = stored[1], pos = tonumber(stored[2]), changed = false}
+    places[place] = known
+  end
+  if known.since ~= since or not known.pos or pos > known.pos then
+    redis.call('RPUSH', hist, ARGV[at + 2])
+    known.since, known.pos, known.changed = since, pos, true
+    dirty[hist] = ARGV[at + 1]
+  end
+end
+for place, known in pairs(places) do
+  if known.changed then
+    redis.call('HSET', place, 'since', known.since, 'pos', known.pos)
   end
 end
 for key, user in pairs(dirty) do
@@ -63,9 +74,9 @@ return vectors
 """
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryAppend:
-    """One event for a user's long history, with its place in it (`streams.state`)."""
+class HistoryAppend(NamedTuple):
+    """One event for a user's long history, with its place in it (`streams.state`). The fields
+    are in SYNC_BATCH's ARGV order: the script's arguments are the tuples laid end to end."""
 
     user: str
     entry: str  # history_entry(item_id, weight)
@@ -164,9 +175,7 @@ class LongTermStore:
             queue_erase(pipe, user)
         keys = [DIRTY, *map(vec_key, users), *(hist_key(a.user) for a in batch_appends),
                 *(place_key(a.user) for a in batch_appends)]
-        args = [len(users), self.history_cap]
-        for a in batch_appends:
-            args += (a.entry, a.user, a.since, a.pos)
+        args = [len(users), self.history_cap, *chain.from_iterable(batch_appends)]
         pipe.eval(SYNC_BATCH, len(keys), *keys, *args)
         try:
             replies = await asyncio.wait_for(pipe.execute(), self.timeout_s * 4)
