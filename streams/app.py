@@ -15,6 +15,7 @@ import orjson
 from faust.serializers import codecs
 
 from .config import Settings
+from .errors import ConfigError
 from .endpoints import resolve_kafka
 from .kafka_clients import changelog_configs
 
@@ -79,11 +80,26 @@ def settle_heap() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+class InterestStreamApp(faust.App):
+    """The App, whose broker may be unknown at import: `faust -A streams.app worker --help`
+    (or any import) needs no broker; starting a worker without one fails with the reason."""
+
+    unresolved_broker: ConfigError | None = None
+
+    async def on_first_start(self) -> None:
+        if self.unresolved_broker is not None:
+            raise self.unresolved_broker
+        await super().on_first_start()
+
+
 def create_app(settings: Settings) -> faust.App:
-    bootstrap = resolve_kafka(settings)
+    try:
+        bootstrap, unresolved = resolve_kafka(settings), None
+    except ConfigError as exc:  # told when a worker starts, not at import
+        bootstrap, unresolved = "localhost:9092", exc
     datadir = Path(settings.state_dir) / "faust" / f"{settings.app_id}-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = InterestStreamApp(
         settings.app_id,
         broker=f"kafka://{bootstrap}",
         broker_credentials=_credentials(settings),
@@ -117,6 +133,7 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         logging_config=None,
     )
+    app.unresolved_broker = unresolved
     app.task(_quiet_client_logs(settings))
     return app
 

@@ -54,3 +54,12 @@ def test_an_unreachable_broker_is_one_line_not_a_flood(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     done = run("--debug", "replay", str(tmp_path / "nope.csv"))
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_faust_worker_help_needs_no_broker(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    env["STATE_DIR"] = str(tmp_path)  # no local stack running there either
+    done = subprocess.run([sys.executable, "-m", "faust", "-A", "streams.app", "worker", "--help"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout
