@@ -34,15 +34,42 @@ def percentiles(values) -> dict:
     return {f"p{q}": round(float(np.percentile(arr, q)), 1) for q in (50, 95, 99)}
 
 
-class DashboardState:
-    """Everything the page shows, folded from the two topics. Thread-safe."""
+RECENT_S = 60.0  # latency percentiles cover the recommendations that arrived this recently
+LATE_MS = 60_000  # an event older than this when its recommendation arrives counts as late
+BUCKET_S = 5  # the time series' step
+HISTORY_S = 15 * 60  # and their span
 
-    def __init__(self, window: int = 5000, latest: int = 15):
+
+class Bucket:
+    """What arrived in one BUCKET_S step."""
+
+    __slots__ = ("start", "count", "latencies", "alpha_sum", "hits", "scored", "lag")
+
+    def __init__(self, start: int):
+        self.start, self.count, self.latencies = start, 0, []
+        self.alpha_sum, self.hits, self.scored, self.lag = 0.0, 0, 0, None
+
+    def point(self) -> dict:
+        lat = percentiles(self.latencies)
+        return {"t": self.start, "per_s": round(self.count / BUCKET_S, 2), "p50": lat["p50"],
+                "p99": lat["p99"], "alpha": round(self.alpha_sum / self.count, 3)
+                if self.count else None, "hr": round(self.hits / self.scored, 3)
+                if self.scored else None, "lag": self.lag}
+
+
+class DashboardState:
+    """Everything the page shows, folded from the two topics. Thread-safe.
+
+    Latency percentiles are over the last RECENT_S seconds of arrivals (a restart that replays
+    old events would otherwise hold them up for as long as the process lives); such old
+    events are counted as late instead. The time series keep BUCKET_S steps over HISTORY_S."""
+
+    def __init__(self, window: int = 5000, latest: int = 15, titles: dict | None = None):
         self.lock = threading.Lock()
         self.total = 0
+        self.late = 0
+        self.recent: deque[tuple[float, float, float]] = deque()  # (arrival s, emitted, seen ms)
         self.arrivals: deque[float] = deque(maxlen=window)
-        self.emit_latency: deque[float] = deque(maxlen=window)
-        self.seen_latency: deque[float] = deque(maxlen=window)
         self.alphas: deque[float] = deque(maxlen=window)
         self.lt_ages: deque[float] = deque(maxlen=window)
         self.lt_missing: deque[bool] = deque(maxlen=window)
@@ -50,23 +77,45 @@ class DashboardState:
         self.dlq: Counter = Counter()
         self.online = PrequentialEvaluator(k=10)
         self.modes: Counter = Counter()
+        self.buckets: deque[Bucket] = deque(maxlen=HISTORY_S // BUCKET_S)
+        self.titles: dict = dict(titles or {})  # item_id -> title (the bundle's, and seen ones)
+        self.lag: int | None = None
+
+    def _bucket(self, now_s: float) -> Bucket:
+        start = int(now_s // BUCKET_S * BUCKET_S)
+        if not self.buckets or self.buckets[-1].start < start:
+            self.buckets.append(Bucket(start))
+        return self.buckets[-1]
 
     def on_recommendation(self, rec: dict, now_ms: int | None = None) -> None:
         now_ms = now_ms or int(time.time() * 1000)
         with self.lock:
             self.total += 1
+            seen = now_ms - rec["event_ts"]
+            self.late += seen > LATE_MS
+            self.recent.append((now_ms / 1000.0, rec["emitted_ts"] - rec["event_ts"], seen))
             self.arrivals.append(now_ms / 1000.0)
-            self.emit_latency.append(rec["emitted_ts"] - rec["event_ts"])
-            self.seen_latency.append(now_ms - rec["event_ts"])
             self.alphas.append(rec["alpha"])
             self.modes[rec.get("fusion_mode")] += 1
             lt = rec.get("long_term")
             self.lt_missing.append(lt is None)
             if lt is not None:
                 self.lt_ages.append(lt["age_s"])
-            self.online.update(rec)
+            rank = self.online.update(rec)
+            bucket = self._bucket(now_ms / 1000.0)
+            bucket.count += 1
+            bucket.latencies.append(seen)
+            bucket.alpha_sum += rec["alpha"]
+            if rank is not None:
+                bucket.scored += 1
+                bucket.hits += rank <= self.online.k
+            for item in rec["items"]:
+                if item.get("title"):
+                    self.titles.setdefault(item["item_id"], item["title"])
+            after = rec.get("item_id")
             self.latest.appendleft({
-                "user_id": rec["user_id"], "item_id": rec.get("item_id"),
+                "user_id": rec["user_id"], "item_id": after,
+                "item_title": self.titles.get(after),
                 "items": [i.get("title") or i["item_id"] for i in rec["items"][:5]],
                 "alpha": rec["alpha"], "long_term": lt, "degraded": rec.get("degraded", False),
                 "latency_ms": rec["emitted_ts"] - rec["event_ts"]})
@@ -75,17 +124,26 @@ class DashboardState:
         with self.lock:
             self.dlq[rec.get("reason", "unknown")] += 1
 
+    def on_lag(self, lag: int | None, now: float | None = None) -> None:
+        with self.lock:
+            self.lag = lag
+            self._bucket(now or time.time()).lag = lag
+
     def snapshot(self, now: float | None = None) -> dict:
         now = now or time.time()
         with self.lock:
-            recent = [t for t in self.arrivals if t >= now - 10.0]
+            while self.recent and self.recent[0][0] < now - RECENT_S:
+                self.recent.popleft()
+            rates = [t for t in self.arrivals if t >= now - 10.0]
             hist, _ = np.histogram(list(self.alphas), bins=10, range=(0.0, 1.0))
             return {
                 "updated": now,
                 "total": self.total,
-                "events_per_s": round(len(recent) / 10.0, 1),
-                "latency_ms": {"emitted": percentiles(self.emit_latency),
-                               "seen": percentiles(self.seen_latency)},
+                "late": self.late,
+                "events_per_s": round(len(rates) / 10.0, 1),
+                "latency_window_s": RECENT_S,
+                "latency_ms": {"emitted": percentiles([r[1] for r in self.recent]),
+                               "seen": percentiles([r[2] for r in self.recent])},
                 "alpha_hist": hist.tolist(),
                 "alpha_mean": round(float(np.mean(self.alphas)), 3) if self.alphas else None,
                 "fusion_modes": dict(self.modes),
@@ -93,6 +151,8 @@ class DashboardState:
                               if self.lt_missing else None, "age_s": percentiles(self.lt_ages)},
                 "dlq": dict(self.dlq),
                 "online": self.online.summary(),
+                "consumer_lag": self.lag,
+                "series": [b.point() for b in self.buckets if b.start >= now - HISTORY_S],
                 "latest": list(self.latest),
             }
 
@@ -106,6 +166,44 @@ def tail_both_topics(settings: Settings, bootstrap: str):
 
     ensure_topics(settings, bootstrap)
     return tail_consumer(settings, bootstrap, [settings.topic_recommendations, settings.topic_dlq])
+
+
+def worker_lag(settings: Settings, bootstrap: str) -> int | None:
+    """Records of `events` not yet committed by the worker's group (APP_ID), summed."""
+    from confluent_kafka import TopicPartition
+
+    from ..kafka_clients import consumer
+
+    cons = consumer(settings, bootstrap, settings.app_id)  # reads offsets only: never joins
+    try:
+        meta = cons.list_topics(settings.topic_events, timeout=5).topics[settings.topic_events]
+        tps = [TopicPartition(settings.topic_events, p) for p in meta.partitions]
+        total = 0
+        for tp in cons.committed(tps, timeout=5):
+            low, high = cons.get_watermark_offsets(tp, timeout=5)
+            total += high - (tp.offset if tp.offset >= 0 else low)
+        return total
+    except Exception:  # broker away, topic gone: unknown, not zero
+        return None
+    finally:
+        cons.close()
+
+
+def sample_lag_forever(settings: Settings, bootstrap: str, state: DashboardState,
+                       stop: threading.Event, interval_s: float = 5.0) -> None:
+    while not stop.is_set():
+        state.on_lag(worker_lag(settings, bootstrap))
+        stop.wait(interval_s)
+
+
+def catalog_titles(settings: Settings) -> dict:
+    """item_id -> title from the bundle, when there is one (else titles are learned from the
+    recommendations' items as they come)."""
+    try:
+        records = orjson.loads((Path(settings.bundle_dir) / "items.json").read_bytes())
+        return {r["item_id"]: r["title"] for r in records if r.get("title")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def consume_forever(cons, settings: Settings, state: DashboardState,
@@ -168,11 +266,13 @@ def create_app(state: DashboardState, token: str | None = None, interval_s: floa
 
 def run(settings: Settings, bootstrap: str) -> None:
     check_binding(settings.dashboard_host, settings.dashboard_token)
-    state, stop = DashboardState(), threading.Event()
+    state, stop = DashboardState(titles=catalog_titles(settings)), threading.Event()
     cons = tail_both_topics(settings, bootstrap)
     thread = threading.Thread(target=consume_forever, args=(cons, settings, state, stop),
                               daemon=True)
     thread.start()
+    threading.Thread(target=sample_lag_forever, args=(settings, bootstrap, state, stop),
+                     daemon=True).start()
     print(f"dashboard on http://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     try:
         web.run_app(create_app(state, settings.dashboard_token), host=settings.dashboard_host,

@@ -103,10 +103,16 @@ def test_dashboard_in_a_real_browser(stack, quick_bundle, workers, tmp_path):
         try:
             total = "document.getElementById('total').textContent"
             page = "document.querySelector('main').innerText"
-            first, second, text = browser.visit(url, [(3, total), (4, total), (0, page)], shot)
+            rate = "document.querySelector('#chartRate polyline')?.getAttribute('points')"
+            lines = "document.querySelectorAll('#chartLatency polyline').length"
+            first, rate1, second, rate2, latency_lines, text = browser.visit(
+                url, [(3, total), (0, rate), (7, total), (0, rate), (0, lines), (0, page)], shot)
         finally:
             browser.close()
         assert first and second and int(second.split()[0]) > int(first.split()[0])
+        # the time series draw from live data and move on: 5-s steps, so 2 points or more
+        assert rate1 and rate2 and rate2 != rate1 and len(rate2.split()) >= 2
+        assert latency_lines == 2  # p50 and p99
         assert "invalid_json" in text and "not_an_object" in text  # DLQ table from live data
         assert "user" in text and "r1" in text  # latest recommendations rendered
         assert browser.errors == [], browser.errors
