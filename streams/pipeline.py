@@ -244,9 +244,24 @@ class BatchPipeline:
         # waiting for input, not on that batch
         self.on_fault = on_fault
         self.fault: BaseException | None = None
+        self.busy = False  # inside submit: a batch taken but not yet handed on
 
     async def submit(self, events: Sequence) -> None:
         """Take a micro-batch; control records split it so that order per user is kept."""
+        self.busy = True
+        try:
+            await self._submit(events)
+        finally:
+            self.busy = False
+
+    async def idle(self, timeout_s: float) -> None:
+        """Wait until the batch taken and the one in flight are delivered (or failed)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and (
+                self.busy or (self.in_flight is not None and not self.in_flight.done())):
+            await asyncio.sleep(0.01)
+
+    async def _submit(self, events: Sequence) -> None:
         if self.fault is not None:
             raise self.fault
         metrics.EVENTS_IN.inc(len(events))
@@ -461,8 +476,10 @@ async def recommend(stream):
     runtime()  # `python -m streams worker` has loaded it; freeze it with the rest
     settle_heap()
     # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
+    global active_pipeline
     pipeline = BatchPipeline(overlap=committer is not None and settings.batch_overlap == 1,
                              max_failures=settings.max_consecutive_failures, on_fault=crashed)
+    active_pipeline = pipeline
     try:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             if committer is not None:
@@ -475,6 +492,20 @@ async def recommend(stream):
         # delivered: a clean stop re-publishes nothing.
         await pipeline.abandon()
         await commit_delivered()
+
+
+active_pipeline: BatchPipeline | None = None
+STOP_DRAIN_S = 10.0  # a stop waits this long at most for the batches already taken
+
+
+@app.on_before_shutdown.connect
+async def commit_on_stop(app, **kwargs) -> None:
+    """A stop commits what was delivered while the consumer is still a group member: Faust has
+    stopped fetching by then, and stops the agent (whose own last commit may be cut short by
+    its cancellation) and the consumer only after this signal."""
+    if active_pipeline is not None:
+        await active_pipeline.idle(STOP_DRAIN_S)
+    await commit_delivered()
 
 
 def crashed(exc: BaseException) -> None:
