@@ -142,7 +142,7 @@ def _quiet_client_logs(settings: Settings):
     async def quiet_client_logs():
         """Faust's worker sets the root level; aiokafka's per-message debug records cost ~10%
         of an agent's event loop. On every app, so the passthrough baseline runs as the
-        worker does (it did not until `2a4d6a9`, which flattered the benchmark's ratio)."""
+        worker does (otherwise the benchmark's ratio is flattered)."""
         level = max(logging.getLevelName(settings.log_level.upper()), logging.INFO)
         for name in ("aiokafka", "faust.transport", "faust.topics"):
             logging.getLogger(name).setLevel(level)

@@ -107,16 +107,17 @@ def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0,
         raise InfraError(f"cannot reach Kafka at {bootstrap} ({exc}); check "
                          "KAFKA_BOOTSTRAP_SERVERS, or start the local one with "
                          "`python -m streams up`") from None
-    wanted = [(settings.topic_events, settings.partitions, {}),
-              (settings.topic_control, settings.partitions, {}),
-              (settings.topic_recommendations, settings.partitions, {}),
-              (settings.topic_dlq, 1, {})]
+    n = settings.partitions
+    copartitioned = [settings.topic_events, settings.topic_control]
+    wanted = [(settings.topic_events, n, {}), (settings.topic_control, n, {}),
+              (settings.topic_recommendations, n, {}), (settings.topic_dlq, 1, {})]
     if state:
-        wanted.append((changelog_topic(settings), settings.partitions, changelog_configs(settings)))
-    for name, partitions, _ in wanted[:2] + wanted[4:]:
-        have = len(existing[name].partitions) if name in existing else partitions
-        if have != partitions:
-            raise ConfigError(f"topic {name} has {have} partitions but PARTITIONS={partitions}: "
+        copartitioned.append(changelog_topic(settings))
+        wanted.append((changelog_topic(settings), n, changelog_configs(settings)))
+    for name in copartitioned:
+        have = len(existing[name].partitions) if name in existing else n
+        if have != n:
+            raise ConfigError(f"topic {name} has {have} partitions but PARTITIONS={n}: "
                               f"set PARTITIONS={have} (a user's events, control records and "
                               "state must share a partition number)")
     new = [NewTopic(name, num_partitions=n, replication_factor=-1, config=config)
