@@ -39,7 +39,7 @@ models: install
 	$(PY) -m model_export build --out artifacts/ml-100k
 
 evaluate: install
-	$(PY) -m model_export evaluate --bundle artifacts/ml-100k --json artifacts/eval-ml-100k.json --plot artifacts/eval-ml-100k.png
+	$(PY) -m model_export evaluate --bundle artifacts/ml-100k --lags --json artifacts/eval-ml-100k.json --plot artifacts/eval-ml-100k.png
 
 quality: install
 	$(PY) -m model_export quality --seeds 0 1 2 --json artifacts/quality.json

@@ -16,37 +16,56 @@ def _dataset(args):
     from . import data
 
     if args.data == "synthetic":
-        return data.synthetic(seed=args.seed)
-    return data.load_any(args.data, getattr(args, "catalog", None))
+        dataset = data.synthetic(seed=args.seed)
+    else:
+        dataset = data.load_any(args.data, getattr(args, "catalog", None))
+    return data.k_core(dataset, args.min_user_interactions, args.min_item_interactions)
 
 
 def cmd_build(args) -> int:
     from .build import build
     from .evaluate import print_table
     from .train import TrainConfig
+    from .train_long_term import LongTermTrainConfig
 
     cfg = TrainConfig(seed=args.seed)
+    long_train = LongTermTrainConfig(seed=args.seed)
     gpt = {}
+    long_cfg = {"window": args.long_window, "n_layer": args.long_layers}
     if args.quick:
-        cfg.epochs, cfg.fusion_epochs = 4, 1
+        cfg.epochs, cfg.fusion_epochs, cfg.gate_epochs = 4, 1, 4
+        long_train.max_epochs, long_train.half_lives, long_train.use_text = 2, (1e9,), (True,)
     if args.epochs is not None:
         cfg.epochs = args.epochs
     if args.half_life is not None:
         cfg.half_life = args.half_life
     started = time.time()
-    manifest = build(_dataset(args), Path(args.out), gpt, cfg, fusion_mode=args.fusion_mode)
+    manifest = build(_dataset(args), Path(args.out), gpt, cfg, fusion_mode=args.fusion_mode,
+                     long_cfg=long_cfg, long_train=long_train)
     print(f"bundle {manifest['version']} -> {args.out} in {time.time() - started:.1f}s")
     if manifest["metrics"]:
         print_table({"dataset": manifest["dataset"], "bundle": manifest["version"],
-                     "n_users": manifest["metrics"]["gpt"]["n"], "models": manifest["metrics"]})
+                     "n_users": manifest["metrics"]["gpt"]["n"], "models": manifest["metrics"],
+                     "protocol": manifest.get("evaluation_protocol", {}),
+                     "paired_vs_gpt": manifest.get("paired_vs_gpt", {})})
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, plot, print_table, save
+    from .evaluate import (Protocol, evaluate, lag_table, plot, print_lag_table, print_table,
+                           save)
 
-    result = evaluate(args.bundle, _dataset(args), fixed_alpha=args.alpha)
+    lag = args.long_term_lag if args.long_term_lag == "replay" else int(args.long_term_lag)
+    protocol = Protocol(mask_history=args.mask_history, lag=lag, update=not args.no_update,
+                        refresh_s=args.refresh_s, seed=args.seed)
+    dataset = _dataset(args)
+    result = evaluate(args.bundle, dataset, fixed_alpha=args.alpha, protocol=protocol)
     print_table(result)
+    if args.lags:
+        print()
+        result["lags"] = lag_table(args.bundle, dataset, args.refresh_s, args.seed,
+                                   args.mask_history)
+        print_lag_table(result["lags"])
     if args.json:
         save(result, Path(args.json))
     if args.plot:
@@ -68,7 +87,8 @@ def cmd_quality(args) -> int:
 
     from .quality import quality
 
-    result = quality(args.data, args.seeds, Path(args.out))
+    result = quality(args.data, args.seeds, Path(args.out), args.min_user_interactions,
+                     args.min_item_interactions)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     for name, m in result["ndcg@10"].items():
@@ -93,9 +113,14 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="a few epochs: a bundle in under a minute")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--half-life", type=float,
-                   help="recency half-life (in items) of the pooled long-term vector (default 20)")
+                   help="recency half-life (in items) of the text baseline `bert` (default 1000)")
     b.add_argument("--fusion-mode", default="fixed", choices=("fixed", "attention", "gate"),
                    help="the mode served when FUSION_MODE is unset (fixed: best in `make quality`)")
+    b.add_argument("--long-window", type=int, default=200,
+                   help="newest items the long-term model reads (default 200)")
+    b.add_argument("--long-layers", type=int, default=0,
+                   help="transformer layers of the long-term model: 0 = the pooled tower, whose "
+                        "vector the worker updates per event; 2 = a BERT over the history")
     b.set_defaults(func=cmd_build)
     e = sub.add_parser("evaluate", help="offline metrics of a bundle on the leave-one-out test split")
     e.add_argument("--bundle", default=str(settings.bundle_dir))
@@ -104,6 +129,17 @@ def main(argv=None) -> int:
     e.add_argument("--json")
     e.add_argument("--plot")
     e.add_argument("--alpha", type=float, help="short-term weight of fused_fixed")
+    e.add_argument("--long-term-lag", default="0",
+                   help="events the long-term input misses: N, or 'replay' (the log's own "
+                        "events in the last --refresh-s seconds)")
+    e.add_argument("--no-update", action="store_true",
+                   help="serve the lagged vector as refreshed, without the worker's update")
+    e.add_argument("--refresh-s", type=float, default=settings.long_term_refresh_s)
+    e.add_argument("--lags", action="store_true",
+                   help="also the fused model against the GPT with the long-term input as "
+                        "stale as a refresh leaves it, with and without the per-event update")
+    e.add_argument("--mask-history", default="all",
+                   help="items excluded from the ranking: all (default) or window:N")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
     bi = sub.add_parser("bench-inference", help="GPT per event: onnxruntime vs torch")
@@ -115,6 +151,11 @@ def main(argv=None) -> int:
     q.add_argument("--out", default="artifacts/quality")
     q.add_argument("--json", default="artifacts/quality.json")
     q.set_defaults(func=cmd_quality)
+    for p in (b, e, q):
+        p.add_argument("--min-user-interactions", type=int, default=0,
+                       help="k-core: drop users with fewer interactions (iteratively)")
+        p.add_argument("--min-item-interactions", type=int, default=0,
+                       help="k-core: drop items with fewer interactions (iteratively)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -16,8 +16,10 @@ from streams.bundle import FILES, write_manifest
 from streams.errors import InterestStreamError
 
 from . import bert, data, export, train
+from . import train_long_term as tlt
 from .fusion import FusionHead
 from .gpt import GPTConfig, ShortTermHead
+from .long_term import LongTermConfig, LongTermGraph, LongTermHeadGraph
 
 log = logging.getLogger(__name__)
 MAX_K = 100
@@ -33,12 +35,24 @@ def item_records(ds: data.Dataset) -> list[dict]:
     return [{"item_id": i, "title": ds.items[i]["title"], "text": ds.items[i]["text"]} for i in ids]
 
 
+def validation_cases(gpt, split: data.Split, row_of: dict) -> tlt.Validation:
+    """Each user's validation item after its whole training sequence (unknown items skipped)."""
+    users = [u for u in split.valid if split.valid[u].item_id in row_of]
+    seqs = [[row_of[it.item_id] for it in split.train[u] if it.item_id in row_of] for u in users]
+    keep = [i for i, s in enumerate(seqs) if s]
+    return tlt.Validation.build(gpt, [seqs[i] for i in keep],
+                                [row_of[split.valid[users[i]].item_id] for i in keep])
+
+
 def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
           train_cfg: train.TrainConfig | None = None, fusion_mode: str = "fixed",
-          fixed_alpha: float | None = None, evaluate_after: bool = True) -> dict:
+          fixed_alpha: float | None = None, evaluate_after: bool = True,
+          long_cfg: dict | None = None, long_train: tlt.LongTermTrainConfig | None = None) -> dict:
     """Train everything on `dataset`'s training split and write a bundle into `out`."""
     started = time.time()
     train_cfg = train_cfg or train.TrainConfig()
+    long_train = long_train or tlt.LongTermTrainConfig(seed=train_cfg.seed,
+                                                       progress=train_cfg.progress)
     torch.manual_seed(train_cfg.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split = data.leave_one_out(dataset)
@@ -58,26 +72,35 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
 
     cfg = GPTConfig(n_rows=n_rows, **(gpt_cfg or {}))
     tail = train_cfg.held_out_tail
-    gpt_seqs = [s[:-tail] if len(s) > 2 * tail else s for s in seqs]
-    gpt = train.train_gpt(gpt_seqs, cfg, train_cfg)
+    fit_seqs = [s[:-tail] if len(s) > 2 * tail else s for s in seqs]  # the tail: for the gate
+    gpt = train.train_gpt(fit_seqs, cfg, train_cfg)
+    val = validation_cases(gpt, split, row_of)
+    base = LongTermConfig(n_rows=n_rows, d_text=int(text_emb.shape[1]), d_out=cfg.d_model,
+                          **(long_cfg or {}))
+    choice = tlt.choose_long_term(base, torch.from_numpy(text_emb), gpt, fit_seqs, val, long_train)
+    long_model = choice.model
+    gate = train.train_gate(gpt.item_embeddings,
+                            *tlt.held_out_examples(gpt, long_model, seqs, times, tail), train_cfg)
+    if fixed_alpha is None:
+        fixed_alpha = choice.fixed_alpha
+    # the founding article's text baselines: a projection of the pooled BERT vectors
     examples = train.fusion_examples(gpt, seqs, times, text_emb, train_cfg.half_life, HIST_LEN,
                                      held_out_tail=tail)
-    held_out = examples.subset(examples.held_out)
     proj = train.train_projection(gpt, examples, text_emb.shape[1], train_cfg)
-    gate = train.train_gate(gpt, proj, held_out, train_cfg)
-    if fixed_alpha is None:
-        fixed_alpha = train.tune_fixed_alpha(gpt, proj, held_out)
 
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         item_long = proj(torch.from_numpy(text_emb)).numpy()
+        long_item_in = long_model.item_inputs().numpy()
     fusion_head = FusionHead(gpt.item_embeddings, gate, MAX_K)
     report = export.export_all(ShortTermHead(gpt), text_head, fusion_head, out, n_rows,
-                               cfg.d_model, cfg.max_len, tokenizer.vocab_size)
+                               cfg.d_model, cfg.max_len, tokenizer.vocab_size,
+                               LongTermGraph(long_model), LongTermHeadGraph(long_model))
     bad = {name: m for name, m in report.items() if m}
     if bad:
         raise BuildError(f"ONNX parity failed (max abs diff > {export.TOLERANCE}): {bad}")
 
+    np.save(out / FILES["long_item_in"], long_item_in.astype(np.float32))
     np.save(out / FILES["item_text_emb"], text_emb)
     np.save(out / FILES["item_long_emb"], item_long.astype(np.float32))
     np.save(out / FILES["item_emb"], gpt.item_embeddings.detach().numpy().astype(np.float32))
@@ -88,6 +111,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     # the torch weights with their config (nanoGPT style): for benchmarks and fine-tuning;
     # not part of the runtime contract, which reads only the ONNX graphs
     torch.save({"config": cfg.to_dict(), "state_dict": gpt.state_dict()}, out / "gpt.pt")
+    torch.save({"config": long_model.cfg.to_dict(), "state_dict": long_model.state_dict()},
+               out / "long_term.pt")
     (out / FILES["items"]).write_text(json.dumps(records))
     data_hash = dataset.content_hash()
     manifest = {
@@ -101,8 +126,11 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         "train": asdict(train_cfg),
         "default_fusion_mode": fusion_mode,
         "fixed_alpha": fixed_alpha,
-        "long_term": {"construction": "pooled", "half_life": train_cfg.half_life,
-                      "profile_items": 30},
+        "long_term": {"construction": "model", "half_life": train_cfg.half_life,
+                      "profile_items": 30,
+                      "model": {**long_model.cfg.to_dict(),
+                                "incremental": long_model.cfg.incremental},
+                      "validation": choice.valid, "train_seconds": choice.seconds},
         "parity": {name: "ok" for name in report},
         "skipped_input": dataset.skipped,
         "metrics": {},
@@ -114,6 +142,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
 
         metrics = evaluate(out, dataset, progress=train_cfg.progress)
         manifest["metrics"] = metrics["models"]
+        manifest["paired_vs_gpt"] = metrics["paired_vs_gpt"]
+        manifest["evaluation_protocol"] = metrics["protocol"]
         manifest["build_seconds"] = round(time.time() - started, 1)
         write_manifest(out, manifest)
     log.info("bundle %s written to %s in %.1fs", manifest["version"], out, time.time() - started)

@@ -154,11 +154,15 @@ def _rows(path: Path):
 
 
 def _finish(ds: Dataset) -> Dataset:
-    """Drop exact duplicates (counted), order by user then time (ties by item id)."""
+    """Drop exact duplicates (counted), order by user then time; ties keep the log's order.
+
+    Not by item id: within a second of bulk ratings that made "the next item has a higher id"
+    learnable, a pattern no live stream has, and it put each user's rarest (highest-id) items
+    last, i.e. in the test split."""
     unique = list(dict.fromkeys(ds.interactions))
     if len(unique) != len(ds.interactions):
         ds.skipped["duplicate"] = ds.skipped.get("duplicate", 0) + len(ds.interactions) - len(unique)
-    ds.interactions = sorted(unique, key=lambda it: (it.user_id, it.ts, _natural(it.item_id)))
+    ds.interactions = sorted(unique, key=lambda it: (it.user_id, it.ts))  # stable
     if not ds.interactions:
         raise DataError(f"{ds.name}: no usable interactions (skipped: {ds.skipped})")
     if ds.skipped:
@@ -168,6 +172,32 @@ def _finish(ds: Dataset) -> Dataset:
 
 def _natural(item_id: str):
     return (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)
+
+
+def k_core(ds: Dataset, min_user: int = 0, min_item: int = 0) -> Dataset:
+    """Iteratively drop users with fewer than `min_user` and items with fewer than `min_item`
+    interactions until both hold (the filtering published sequential tables use); the removed
+    interactions are counted in `skipped`."""
+    interactions = ds.interactions
+    while min_user > 1 or min_item > 1:
+        users = defaultdict(int)
+        items = defaultdict(int)
+        for it in interactions:
+            users[it.user_id] += 1
+            items[it.item_id] += 1
+        kept = [it for it in interactions
+                if users[it.user_id] >= min_user and items[it.item_id] >= min_item]
+        if len(kept) == len(interactions):
+            break
+        interactions = kept
+    removed = len(ds.interactions) - len(interactions)
+    if not interactions:
+        raise DataError(f"{ds.name}: no interactions left after the {min_user}-user/"
+                        f"{min_item}-item core filter")
+    skipped = dict(ds.skipped)
+    if removed:
+        skipped["k_core"] = removed
+    return Dataset(ds.name, interactions, ds.items, skipped)
 
 
 def user_sequences(ds: Dataset) -> dict[str, list[Interaction]]:
@@ -199,13 +229,15 @@ def leave_one_out(ds: Dataset, min_len: int = 3) -> Split:
 
 
 def synthetic(n_users: int = 300, n_items: int = 400, n_topics: int = 8, events_per_user: int = 40,
-              session_len: int = 6, seed: int = 0) -> Dataset:
+              session_len: int = 6, seed: int = 0, walk: bool = True, taste: int = 2,
+              in_taste: float = 0.8) -> Dataset:
     """A stream with planted structure.
 
     Items belong to topics and their text names the topic. Each user has a stable long-term
-    taste (two favourite topics) and short sessions that drift: each session picks a topic,
-    mostly from the taste, and walks through that topic's items in catalog order, so the
-    next item is predictable from the recent ones (short-term) and from the taste (long-term).
+    taste (`taste` favourite topics) and short sessions that drift: each session picks a
+    topic, from the taste with probability `in_taste`, and walks through that topic's items
+    in catalog order (`walk`) or picks them at random, so the next item is predictable from
+    the recent ones (short-term) and from the taste (long-term).
     """
     rng = random.Random(seed)
     words = ["space", "cooking", "jazz", "football", "history", "garden", "finance", "horror",
@@ -220,17 +252,21 @@ def synthetic(n_users: int = 300, n_items: int = 400, n_topics: int = 8, events_
     interactions = []
     t0 = 1_700_000_000
     for u in range(1, n_users + 1):
-        taste = rng.sample(range(n_topics), 2)
+        favourites = rng.sample(range(n_topics), taste)
         ts = t0 + rng.randrange(86_400)
         count = 0
         while count < events_per_user:
-            topic = rng.choice(taste) if rng.random() < 0.8 else rng.randrange(n_topics)
+            topic = (rng.choice(favourites) if rng.random() < in_taste
+                     else rng.randrange(n_topics))
             pool = topic_items[topic]
             start = rng.randrange(len(pool))
-            for step in range(session_len):
+            # picked at random, sessions also vary in length (1 .. 2 * session_len - 1), so
+            # that the validation and test events are not always at the same place in one
+            length = session_len if walk else rng.randrange(1, 2 * session_len)
+            for step in range(length):
                 if count >= events_per_user:
                     break
-                item = pool[(start + step) % len(pool)]
+                item = pool[(start + step) % len(pool)] if walk else rng.choice(pool)
                 interactions.append(Interaction(str(u), item, ts, "click"))
                 ts += rng.randrange(20, 120)
                 count += 1

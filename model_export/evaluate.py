@@ -1,28 +1,70 @@
 """Offline evaluation of an exported bundle, through `streams.inference` (what the worker runs).
 
-Leave-one-out test split, full ranking over all items with the user's seen items excluded.
-Rows: popularity, bert (long-term only), gpt (short-term only), fused_fixed, fused_attention,
-fused_gate; plus bert_text and fused_gate_text for the text-profile long-term construction.
+Leave-one-out test split, full ranking over all items with the user's seen items excluded
+(`mask_history`: all of them, or only the newest N). Rows:
+
+- popularity; gpt (short-term only);
+- long_pooled / long_bert: the bundle's long-term model alone (its kind names the row);
+- fused_fixed, fused_attention, fused_gate: the three fusion modes over that model;
+- bert, bert_text: the founding article's text-only long-term vectors (pooled item
+  embeddings, a text profile), alone.
+
+`lag`: the long-term model sees the history up to `lag` events before the target, as a
+refresh that old leaves it; with `update` the worker's per-event update adds those events
+back (`Recommender.long_update`), as served. `lag="replay"` draws each user's lag from the
+log's own timestamps: the events in the last `refresh_s` seconds before the target, with the
+refresh at a uniform moment of its period.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from streams.bundle import load_bundle
-from streams.inference import LongTermEncoder, Recommender
+from streams.inference import LongTermEncoder, LongTermUpdate, Recommender
 from streams.quality import summarize
 
 from . import data
 
 log = logging.getLogger(__name__)
 K = 10
-ROWS = ("popularity", "bert", "gpt", "fused_fixed", "fused_attention", "fused_gate",
-        "bert_text", "fused_gate_text")
+FUSED = ("fused_fixed", "fused_attention", "fused_gate")
+BASELINES = ("popularity", "gpt", "bert", "bert_text")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the test cases are scored; recorded in the result."""
+
+    mask_history: str = "all"  # "all" | "window:N"
+    lag: int | str = 0  # events missing from the long-term input; or "replay"
+    update: bool = True  # add the missing events back with the worker's update
+    refresh_s: float = 30.0  # the refresh period behind lag="replay"
+    seed: int = 0
+
+    def masked(self, history: list[int]) -> list[int]:
+        if self.mask_history == "all":
+            return sorted(set(history))
+        kind, _, n = self.mask_history.partition(":")
+        if kind != "window" or not n.isdigit():
+            raise data.DataError(f"mask_history {self.mask_history!r}: use all or window:N")
+        return sorted(set(history[-int(n):]))
+
+
+def long_row_name(bundle) -> str:
+    model = bundle.manifest.get("long_term", {}).get("model", {})
+    return "long_bert" if int(model.get("n_layer", 0)) > 0 else "long_pooled"
+
+
+def default_rows(bundle) -> tuple[str, ...]:
+    return ("popularity", "gpt", long_row_name(bundle), *FUSED, "bert", "bert_text")
 
 
 def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, seen: list[list[int]]) -> np.ndarray:
@@ -38,7 +80,8 @@ def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, seen: list[list[i
 
 
 def test_cases(bundle, dataset: data.Dataset):
-    """(history rows, history ts, target row) per test user; unknown items skipped and counted."""
+    """(history rows, history ts, target row, target ts) per test user; unknown items skipped
+    and counted."""
     split = data.leave_one_out(dataset)
     row_of, cases, skipped = bundle.items.row_of, [], {}
     for user, target in split.test.items():
@@ -53,16 +96,46 @@ def test_cases(bundle, dataset: data.Dataset):
             skipped["empty_history"] = skipped.get("empty_history", 0) + 1
             continue
         ts = [it.ts for it in history if it.item_id in row_of]
-        cases.append((rows, ts, row_of[target.item_id]))
+        cases.append((rows, ts, row_of[target.item_id], target.ts))
     return cases, skipped
+
+
+def lags_for(cases, protocol: Protocol) -> list[int]:
+    """Each case's number of events the long-term input misses."""
+    if protocol.lag != "replay":
+        return [int(protocol.lag)] * len(cases)
+    rng = random.Random(protocol.seed)
+    lags = []
+    for rows, ts, _, target_ts in cases:
+        since = target_ts - rng.random() * protocol.refresh_s  # the last refresh
+        lags.append(sum(1 for t in ts if t > since))
+    return lags
+
+
+def long_inputs(lt: LongTermEncoder, histories, lags, update: bool):
+    """(h_l per case, worker updates or None) with each long-term input `lag` events old."""
+    refreshed = [h[:len(h) - lag] if lag else h for h, lag in zip(histories, lags)]
+    present = [i for i, h in enumerate(refreshed) if h]
+    vecs: list = [None] * len(histories)
+    updates: list = [None] * len(histories)
+    if present:
+        parts = lt.model_parts([refreshed[i] for i in present])
+        for j, i in enumerate(present):
+            vecs[i] = parts.h_l[j]
+            if update and parts.pooled is not None and lags[i]:
+                newer = histories[i][len(histories[i]) - lags[i]:]
+                updates[i] = LongTermUpdate(parts.pooled[j], float(parts.weight[j]),
+                                            [(r, 1.0) for r in newer])
+    return vecs, (updates if update and lt.incremental else None)
 
 
 def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 256,
              fixed_alpha: float | None = None, progress: bool = True,
-             rows: tuple[str, ...] = ROWS) -> dict:
+             rows: tuple[str, ...] | None = None, protocol: Protocol = Protocol()) -> dict:
     bundle = load_bundle(bundle_dir)
+    rows = rows or default_rows(bundle)
     rec = Recommender(bundle, threads=2)
-    lt = LongTermEncoder(bundle, threads=2, with_text_encoder=any("text" in r for r in rows))
+    lt = LongTermEncoder(bundle, threads=2, with_text_encoder="bert_text" in rows)
     item_emb = bundle.array("item_emb")
     # What the worker passes: the user's recent items as its state keeps them (SHORT_TERM_LEN,
     # 50 by default, the fusion's training history `hist_len`); the GPT reads the newest max_len.
@@ -71,6 +144,7 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
     cases, skipped = test_cases(bundle, dataset)
     if not cases:
         raise data.DataError(f"no test users to evaluate (skipped: {skipped})")
+    lags = lags_for(cases, protocol)
     ranks = {name: [] for name in rows}
     top = {name: [] for name in rows}
     bar = tqdm(total=len(cases), desc="evaluate", unit="user", disable=not progress)
@@ -80,17 +154,16 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
         seqs = [h[-recent_len:] for h in histories]
         dts = [(c[1][-1] - c[1][-2]) if len(c[1]) > 1 else 0.0 for c in batch]
         targets = np.array([c[2] for c in batch])
-        seen = [sorted(set(h)) for h in histories]
-        long_vecs = {"pooled": lt.encode(histories, "pooled")}
-        if any("text" in r for r in rows):
-            long_vecs["text"] = lt.encode(histories, "text")
+        seen = [protocol.masked(h) for h in histories]
+        model_vecs, updates = long_inputs(lt, histories, lags[start:start + batch_size],
+                                          protocol.update)
         for name in rows:
             if name == "popularity":
                 scores = np.tile(rec.popularity, (len(batch), 1))
                 top_rows, _ = rec.popular(seen, K)
             else:
-                mode, a, longs = _plan(name, alpha, long_vecs, len(batch))
-                out = rec.recommend(seqs, longs, dts, seen, mode, a, K)
+                mode, a, longs, upd = _plan(name, alpha, lt, histories, model_vecs, updates)
+                out = rec.recommend(seqs, longs, dts, seen, mode, a, K, upd)
                 scores, top_rows = out.fused @ item_emb.T, out.rows
             ranks[name].extend(ranks_from_scores(scores, targets, seen).tolist())
             top[name].extend(top_rows.tolist())
@@ -102,27 +175,95 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
         "bundle": bundle.version,
         "n_users": len(cases),
         "skipped": skipped,
+        "protocol": {**asdict(protocol), "split": "leave-one-out", "k": K,
+                     "mean_lag": round(float(np.mean(lags)), 3), "fixed_alpha": alpha},
         "models": {name: summarize(ranks[name], top[name], n_items, K) for name in rows},
+        "paired_vs_gpt": {name: paired_gain(ranks[name], ranks["gpt"])
+                          for name in rows if name != "gpt" and "gpt" in rows},
     }
 
 
-def _plan(name: str, alpha: float, long_vecs: dict, batch: int):
-    construction = "text" if name.endswith("_text") else "pooled"
-    vecs = list(long_vecs[construction]) if construction in long_vecs else [None] * batch
+def _plan(name: str, alpha: float, lt: LongTermEncoder, histories, model_vecs, updates):
+    """(mode, alpha, long-term vectors, updates) of one row."""
+    none = [None] * len(histories)
     if name == "gpt":
-        return "fixed", 1.0, [None] * batch
-    if name.startswith("bert"):
-        return "fixed", 0.0, vecs
-    mode = name.split("_")[1]
-    return mode, alpha, vecs
+        return "fixed", 1.0, none, None
+    if name == "bert":
+        return "fixed", 0.0, list(lt.encode(histories, "pooled")), None
+    if name == "bert_text":
+        return "fixed", 0.0, list(lt.encode(histories, "text")), None
+    if name.startswith("long_"):
+        return "fixed", 0.0, model_vecs, updates
+    if name in FUSED:
+        return name.split("_")[1], alpha, model_vecs, updates
+    raise data.DataError(f"unknown evaluation row {name!r}")
+
+
+def paired_gain(ranks: list[int], base: list[int]) -> dict:
+    """Mean per-user NDCG@10 difference against `base`, relative to base's mean, with a 95 %
+    normal interval over users."""
+    def gains(rs):
+        return np.array([1.0 / math.log2(r + 1) if r <= K else 0.0 for r in rs])
+
+    diff = gains(ranks) - gains(base)
+    mean_base = float(gains(base).mean()) or 1e-12
+    half = 1.96 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+    return {"gain": round(float(diff.mean()) / mean_base, 4),
+            "ci95": [round((float(diff.mean()) - half) / mean_base, 4),
+                     round((float(diff.mean()) + half) / mean_base, 4)]}
+
+
+LAG_SETTINGS = (("lag 0", Protocol()),
+                ("replay, refreshed only", Protocol(lag="replay", update=False)),
+                ("replay, refreshed + per-event update", Protocol(lag="replay", update=True)),
+                ("5 events, refreshed only", Protocol(lag=5, update=False)),
+                ("5 events, refreshed + per-event update", Protocol(lag=5, update=True)))
+
+
+def lag_table(bundle_dir, dataset: data.Dataset, refresh_s: float = 30.0, seed: int = 0,
+              mask_history: str = "all", progress: bool = False) -> list[dict]:
+    """The fused model against the GPT alone with the long-term input as fresh as serving
+    leaves it: `replay` draws each user's staleness from the log's timestamps and the refresh
+    period; `5 events` is a fixed, harsher one."""
+    bundle = load_bundle(bundle_dir, verify=False)
+    rows = ("gpt", long_row_name(bundle), "fused_fixed")
+    out = []
+    for name, proto in LAG_SETTINGS:
+        proto = Protocol(mask_history=mask_history, lag=proto.lag, update=proto.update,
+                         refresh_s=refresh_s, seed=seed)
+        r = evaluate(bundle_dir, dataset, progress=progress, rows=rows, protocol=proto)
+        out.append({"setting": name, "mean_lag": r["protocol"]["mean_lag"],
+                    **{row: round(r["models"][row]["ndcg@10"], 4) for row in rows},
+                    "fused_vs_gpt": r["paired_vs_gpt"]["fused_fixed"]})
+    return out
+
+
+def print_lag_table(table: list[dict]) -> str:
+    long_row = next(k for k in table[0] if k.startswith("long_"))
+    lines = [f"{'long-term input':<40}{'mean lag':>9}{'gpt':>8}{long_row:>13}{'fused':>8}  fused vs gpt",]
+    for t in table:
+        p = t["fused_vs_gpt"]
+        lines.append(f"{t['setting']:<40}{t['mean_lag']:>9.2f}{t['gpt']:>8.4f}{t[long_row]:>13.4f}"
+                     f"{t['fused_fixed']:>8.4f}  {p['gain']:+.1%} ({p['ci95'][0]:+.1%} .. "
+                     f"{p['ci95'][1]:+.1%})")
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 def print_table(result: dict) -> str:
+    protocol = result.get("protocol", {})
     lines = [f"dataset={result['dataset']} users={result['n_users']} bundle={result['bundle']}",
-             f"{'model':<18}{'HR@10':>8}{'NDCG@10':>9}{'MRR':>8}{'Cov@10':>8}"]
+             "protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()),
+             f"{'model':<18}{'HR@10':>8}{'NDCG@10':>9}{'MRR':>8}{'Cov@10':>8}  vs gpt (95% CI)"]
+    paired = result.get("paired_vs_gpt", {})
     for name, m in result["models"].items():
+        vs = ""
+        if name in paired:
+            p = paired[name]
+            vs = f"  {p['gain']:+.1%} ({p['ci95'][0]:+.1%} .. {p['ci95'][1]:+.1%})"
         lines.append(f"{name:<18}{m['hr@10']:>8.4f}{m['ndcg@10']:>9.4f}{m['mrr']:>8.4f}"
-                     f"{m['coverage@10']:>8.3f}")
+                     f"{m['coverage@10']:>8.3f}{vs}")
     text = "\n".join(lines)
     print(text)
     return text

@@ -1,4 +1,4 @@
-"""ONNX export of the three graphs, then a separate parity check against torch.
+"""ONNX export of the five graphs, then a separate parity check against torch.
 
 Names and dynamic axes come from `streams.bundle` (the contract the runtime reads).
 `export()` writes a graph; `validate()` runs it in onnxruntime beside torch on random
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streams.bundle import FUSION, SHORT_TERM, TEXT_ENCODER, OnnxSignature
+from streams.bundle import (FUSION, LONG_TERM, LONG_TERM_HEAD, SHORT_TERM, TEXT_ENCODER,
+                            OnnxSignature)
 from streams.inference import make_session
 
 log = logging.getLogger(__name__)
@@ -123,16 +124,34 @@ def fusion_cases(n_rows: int, d_model: int, max_k: int, seed: int = 0) -> dict[s
     return cases
 
 
+def long_term_cases(n_rows: int, window: int, seed: int = 0) -> dict[str, tuple]:
+    gen = torch.Generator().manual_seed(seed)
+    cases = {}
+    for batch, length in [(1, 1), (1, window), (3, 7), (16, window), (64, 37)]:
+        rows, mask = random_padded_rows(batch, length, n_rows, gen)
+        weights = mask * (0.2 + torch.rand(batch, length, generator=gen))  # event weights vary
+        cases[f"B{batch}xW{length}"] = (rows, weights)
+    return cases
+
+
+def long_term_head_cases(d_in: int, seed: int = 0) -> dict[str, tuple]:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"B{b}": (torch.randn(b, d_in, generator=gen) * 0.1,) for b in (1, 5, 64)}
+
+
 def export_all(short_term, text_encoder, fusion, out: Path, n_rows: int, d_model: int,
-               max_len: int, vocab: int) -> dict[str, list[Mismatch]]:
-    """Export the three graphs into `out` and validate each; return mismatches by graph."""
+               max_len: int, vocab: int, long_term, long_term_head) -> dict[str, list[Mismatch]]:
+    """Export the five graphs into `out` and validate each; return mismatches by graph."""
     st_cases = short_term_cases(n_rows, max_len)
     te_cases = text_encoder_cases(vocab)
     fu_cases = fusion_cases(n_rows, d_model, fusion.max_k)
+    lt_cfg = long_term.model.cfg
     plan = [
         ("short_term.onnx", short_term, SHORT_TERM, st_cases),
         ("text_encoder.onnx", text_encoder, TEXT_ENCODER, te_cases),
         ("fusion.onnx", fusion, FUSION, fu_cases),
+        ("long_term.onnx", long_term, LONG_TERM, long_term_cases(n_rows, lt_cfg.window)),
+        ("long_term_head.onnx", long_term_head, LONG_TERM_HEAD, long_term_head_cases(lt_cfg.d_model)),
     ]
     report = {}
     for filename, module, signature, cases in plan:
@@ -141,6 +160,10 @@ def export_all(short_term, text_encoder, fusion, out: Path, n_rows: int, d_model
             example = cases["B3xT7"]
         if filename == "fusion.onnx":
             example = cases["B4xN10m2"]
+        if filename == "long_term.onnx":
+            example = cases["B3xW7"]
+        if filename == "long_term_head.onnx":
+            example = cases["B5"]
         export(module, example, signature, out / filename)
         report[filename] = validate(module, out / filename, signature, cases)
     return report

@@ -1,7 +1,8 @@
-"""Training: the GPT on next-item prediction, then the projection and the gate, GPT frozen.
+"""Training: the GPT on next-item prediction, then the text projection and the gate, GPT frozen.
 
-The GPT trains on each user's training sequence minus its last `held_out_tail` items; the
-projection trains on every position, the gate and the fixed weight on the held-out ones.
+The GPT (and the long-term model, `train_long_term`) train on each user's training sequence
+minus its last `held_out_tail` items; the text projection of the article's baselines trains
+on every position, the gate on the held-out ones.
 """
 from __future__ import annotations
 
@@ -174,34 +175,17 @@ def train_projection(gpt: ItemGPT, ex: FusionExamples, d_text: int, cfg: TrainCo
                 len(ex.target), cfg.fusion_epochs, 512, 3e-3, cfg.weight_decay, cfg, "projection")
 
 
-def train_gate(gpt: ItemGPT, proj: LongTermProjection, ex: FusionExamples, cfg: TrainConfig
-               ) -> InterestGate:
-    """The gate, on held-out positions only (in-sample h_s would teach it to trust h_s blindly)."""
+def train_gate(item_emb: torch.Tensor, h_s: torch.Tensor, h_l: torch.Tensor, dt: torch.Tensor,
+               target: torch.Tensor, cfg: TrainConfig) -> InterestGate:
+    """The gate, on positions neither tower trained on (in-sample h_s would teach it to trust
+    h_s blindly)."""
     torch.manual_seed(cfg.seed)
-    gate = InterestGate(gpt.cfg.d_model)
-    item_emb = gpt.item_embeddings.detach()
-    with torch.no_grad():
-        h_l = proj(ex.pooled)
+    gate = InterestGate(h_s.size(1))
+    item_emb = item_emb.detach()
 
     def loss_of(idx):
-        a = gate(ex.h_s[idx], h_l[idx], ex.dt[idx])
-        fused = a * ex.h_s[idx] + (1 - a) * h_l[idx]
-        return F.cross_entropy(fused @ item_emb.T, ex.target[idx])
+        a = gate(h_s[idx], h_l[idx], dt[idx])
+        fused = a * h_s[idx] + (1 - a) * h_l[idx]
+        return F.cross_entropy(fused @ item_emb.T, target[idx])
 
-    return _fit(gate, loss_of, len(ex.target), cfg.gate_epochs, 256, 2e-3, 0.05, cfg, "gate")
-
-
-@torch.no_grad()
-def tune_fixed_alpha(gpt: ItemGPT, proj: LongTermProjection, ex: FusionExamples) -> float:
-    """The fixed mode's short-term weight with the best NDCG@10 on held-out positions."""
-    item_emb = gpt.item_embeddings
-    h_l = proj(ex.pooled)
-    best, best_alpha = -1.0, 1.0
-    for alpha in [i / 10 for i in range(11)]:
-        scores = (alpha * ex.h_s + (1 - alpha) * h_l) @ item_emb.T
-        target = scores.gather(1, ex.target[:, None])
-        rank = 1 + (scores > target).sum(1)
-        ndcg = torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), torch.zeros(())).mean()
-        if ndcg > best:
-            best, best_alpha = float(ndcg), alpha
-    return best_alpha
+    return _fit(gate, loss_of, len(target), cfg.gate_epochs, 256, 2e-3, 0.05, cfg, "gate")

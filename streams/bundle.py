@@ -17,7 +17,7 @@ from .errors import BundleError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: fusion.onnx takes k (top-K size) as an input
+FORMAT_VERSION = 3  # 3: the long-term model (long_term.onnx, its head, its item inputs)
 MANIFEST = "manifest.json"
 PAD_ROW = 0  # row 0 of every item table is padding; real items start at row 1
 
@@ -77,6 +77,24 @@ FUSION = OnnxSignature(
         "top_rows": {0: "batch", 1: "k"},
     },
 )
+LONG_TERM = OnnxSignature(
+    inputs=(
+        "item_rows",  # (B, W) int64 the user's newest items, left-padded with row 0
+        "weights",  # (B, W) float32 recency x event-type weight, 0 at padding
+    ),
+    outputs=("h_l", "pooled"),  # (B, D) long-term vector; (B, C) the weighted mean it comes from
+    dynamic_axes={
+        "item_rows": {0: "batch", 1: "window"},
+        "weights": {0: "batch", 1: "window"},
+        "h_l": {0: "batch"},
+        "pooled": {0: "batch"},
+    },
+)
+LONG_TERM_HEAD = OnnxSignature(  # the head alone, for a pooled mean brought up to date
+    inputs=("pooled",),  # (B, C)
+    outputs=("h_l",),  # (B, D)
+    dynamic_axes={"pooled": {0: "batch"}, "h_l": {0: "batch"}},
+)
 FUSION_MODES = ("fixed", "attention", "gate")
 # fusion.onnx's top_scores value for a row masked by seen_mask (padding, a recent item): such a
 # row reaches top_rows only when fewer than k rows are left unmasked, and is never served.
@@ -93,6 +111,9 @@ FILES = {
     "projection": "projection.npz",  # W (E, D), b (D,): BERT space -> GPT space
     "popularity": "popularity.npy",  # (n_rows,) training-set counts, the cold-start ranking
     "item_emb": "item_emb.npy",  # (n_rows, D) GPT item embeddings: score(i) = interest . E_i
+    "long_term": "long_term.onnx",  # the long-term model over a user's newest items
+    "long_term_head": "long_term_head.onnx",  # its head: pooled mean -> h_l
+    "long_item_in": "long_item_in.npy",  # (n_rows, C) its item inputs: what `pooled` averages
 }
 
 

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers = {name: sub.add_parser(name, help=help_, description=help_)
                for name, (_, help_) in COMMANDS.items()}
     parsers["refresher"].add_argument("--once", action="store_true", help="one pass, then exit")
-    parsers["refresher"].add_argument("--construction", choices=("pooled", "text"),
+    parsers["refresher"].add_argument("--construction", choices=("model", "pooled", "text"),
                                       help="override the bundle's long-term construction")
     parsers["refresher"].add_argument("--metrics-port", type=int, default=0,
                                       help="serve Prometheus /metrics on this port")

@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import FUSION, FUSION_MODES, SHORT_TERM, TEXT_ENCODER, Bundle
+from .bundle import (FUSION, FUSION_MODES, LONG_TERM, LONG_TERM_HEAD, SHORT_TERM, TEXT_ENCODER,
+                     Bundle)
 from .errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -88,18 +89,40 @@ class TextEncoder:
         return emb
 
 
-class LongTermEncoder:
-    """A user's whole history -> long-term vector h_l in the GPT's space.
+def recency_weights(n: int, half_life: float) -> np.ndarray:
+    """0.5 ** (age / half_life) for n items, oldest first (the newest has age 0)."""
+    return 0.5 ** (np.arange(n - 1, -1, -1, dtype=np.float32) / np.float32(half_life))
 
-    Two constructions, both from the BERT: `pooled` averages the items' BERT embeddings with
-    recency weights; `text` runs the BERT once over a text profile of the history.
+
+@dataclass
+class LongTermParts:
+    """The long-term model's output for a batch of histories. For an incremental model the
+    weighted mean `pooled` and its total weight let a worker add newer events later."""
+
+    h_l: np.ndarray  # (B, D)
+    pooled: np.ndarray | None  # (B, C)
+    weight: np.ndarray | None  # (B,)
+
+
+class LongTermEncoder:
+    """A user's history -> long-term vector h_l in the GPT's space.
+
+    `model`: long_term.onnx over the newest `window` items (the build's long-term model).
+    The founding article's constructions, kept as evaluated baselines: `pooled` averages the
+    items' BERT embeddings with recency weights and projects the mean; `text` runs the BERT
+    once over a text profile of the history.
     """
 
     def __init__(self, bundle: Bundle, threads: int = 1, with_text_encoder: bool = True):
         lt = bundle.manifest.get("long_term", {})
-        self.construction = lt.get("construction", "pooled")
-        self.half_life = float(lt.get("half_life", 20.0))
+        self.construction = lt.get("construction", "model")
+        self.half_life = float(lt.get("half_life", 20.0))  # of the `pooled` baseline
         self.profile_items = int(lt.get("profile_items", 30))
+        model = lt.get("model", {})
+        self.window = int(model.get("window", 200))
+        self.model_half_life = float(model.get("half_life", 1e9))
+        self.incremental = bool(model.get("incremental", False))
+        self.session = make_session(bundle.file("long_term"), threads)
         self.item_text_emb = bundle.array("item_text_emb").astype(np.float32)
         self.W, self.b = bundle.projection()
         self.texts = bundle.items.texts
@@ -108,6 +131,25 @@ class LongTermEncoder:
     def project(self, emb: np.ndarray) -> np.ndarray:
         return (emb @ self.W + self.b).astype(np.float32)
 
+    def model_parts(self, histories: Sequence[Sequence[int]],
+                    event_weights: Sequence[Sequence[float]] | None = None) -> LongTermParts:
+        """long_term.onnx over each history's newest `window` items."""
+        rows = np.zeros((len(histories), self.window), dtype=np.int64)
+        weights = np.zeros((len(histories), self.window), dtype=np.float32)
+        for i, history in enumerate(histories):
+            h = np.asarray(history[-self.window:], dtype=np.int64)
+            if not len(h):
+                continue
+            w = recency_weights(len(h), self.model_half_life)
+            if event_weights is not None:
+                w = w * np.asarray(event_weights[i][-self.window:], dtype=np.float32)
+            rows[i, self.window - len(h):], weights[i, self.window - len(h):] = h, w
+        h_l, pooled = self.session.run(list(LONG_TERM.outputs),
+                                       {"item_rows": rows, "weights": weights})
+        if not self.incremental:
+            return LongTermParts(h_l, None, None)
+        return LongTermParts(h_l, pooled, weights.sum(1))
+
     def pooled(self, histories: Sequence[Sequence[int]],
                event_weights: Sequence[Sequence[float]] | None = None) -> np.ndarray:
         """Recency-weighted mean of the items' BERT vectors, times each event type's weight."""
@@ -115,8 +157,7 @@ class LongTermEncoder:
         for i, rows in enumerate(histories):
             if not len(rows):
                 continue
-            age = np.arange(len(rows) - 1, -1, -1, dtype=np.float32)  # newest has age 0
-            weights = 0.5 ** (age / self.half_life)
+            weights = recency_weights(len(rows), self.half_life)
             if event_weights is not None:
                 weights = weights * np.asarray(event_weights[i], dtype=np.float32)
             vec = weights @ self.item_text_emb[np.asarray(rows)]
@@ -133,11 +174,46 @@ class LongTermEncoder:
     def encode(self, histories: Sequence[Sequence[int]], construction: str | None = None,
                event_weights: Sequence[Sequence[float]] | None = None):
         construction = construction or self.construction
+        if construction == "model":
+            return self.model_parts(histories, event_weights).h_l
         if construction == "pooled":
             return self.pooled(histories, event_weights)
         if construction == "text":
             return self.text_profile(histories)
-        raise BundleError(f"unknown long-term construction {construction!r} (pooled | text)")
+        raise BundleError(f"unknown long-term construction {construction!r} (model | pooled | text)")
+
+
+class LongTermUpdater:
+    """Brings an incremental long-term vector up to date with the events since its refresh.
+
+    The refresher stored the weighted mean `pooled` of the user's item inputs and its total
+    weight; each newer event ages the old weights by one step and adds its own item input.
+    The head then maps the new mean to h_l (`run`, onnxruntime: the inference thread).
+    Recomputing from the whole history gives the same vector up to the items that left the
+    window meanwhile."""
+
+    def __init__(self, bundle: Bundle, threads: int = 1):
+        model = bundle.manifest.get("long_term", {}).get("model", {})
+        self.enabled = bool(model.get("incremental", False))
+        self.decay = np.float32(0.5 ** (1.0 / float(model.get("half_life", 1e9))))
+        self.item_in = bundle.array("long_item_in").astype(np.float32) if self.enabled else None
+        self.session = make_session(bundle.file("long_term_head"), threads) if self.enabled else None
+
+    def pooled(self, base: np.ndarray, base_weight: np.ndarray, rows: np.ndarray,
+               weights: np.ndarray) -> np.ndarray:
+        """base (M, C) means of total weight base_weight (M,); rows, weights (M, K) the newer
+        events, left-padded (weight 0), newest last -> the up-to-date means (M, C)."""
+        k = (weights > 0).sum(1).astype(np.float32)  # events added (ages every older one)
+        aged = self.decay ** np.arange(rows.shape[1] - 1, -1, -1, dtype=np.float32)  # (K,)
+        w = weights * aged[None, :]  # (M, K)
+        old = self.decay ** k * base_weight  # (M,)
+        total = old + w.sum(1)
+        added = np.einsum("mk,mkc->mc", w, self.item_in[rows])  # (M, C)
+        return ((old[:, None] * base + added) / np.maximum(total, 1e-6)[:, None]).astype(np.float32)
+
+    def run(self, pooled: np.ndarray) -> np.ndarray:
+        (h_l,) = self.session.run(list(LONG_TERM_HEAD.outputs), {"pooled": pooled})
+        return h_l
 
 
 @dataclass
@@ -146,6 +222,22 @@ class RecommendationBatch:
     alpha: np.ndarray  # (B,) short-term weight
     rows: np.ndarray  # (B, K) item rows, best first
     scores: np.ndarray  # (B, K)
+    h_s: np.ndarray | None = None  # (B, D) the short-term vector, for the explanations
+
+    def short_term_parts(self, item_emb: np.ndarray) -> np.ndarray:
+        """(B, K) the short-term share alpha * h_s . e of each top score; the rest of the
+        score, (1 - alpha) * h_l . e, is the long-term share."""
+        dots = np.einsum("bd,bkd->bk", self.h_s, item_emb[self.rows])
+        return self.alpha[:, None] * dots
+
+
+@dataclass
+class LongTermUpdate:
+    """A refreshed vector's pooled mean and weight, and the (row, weight) events after it."""
+
+    pooled: np.ndarray  # (C,)
+    weight: float
+    events: Sequence[tuple[int, float]]  # oldest first
 
 
 class InterestFuser:
@@ -200,6 +292,7 @@ class ScoringInputs:
 
     short_term: dict
     fusion: dict  # k (items per user) included
+    long_update: tuple[np.ndarray, np.ndarray] | None = None  # (batch rows, pooled means)
 
 
 class Recommender:
@@ -211,6 +304,8 @@ class Recommender:
         self.fuser = InterestFuser(bundle, threads)
         self.popularity = bundle.array("popularity").astype(np.float32)
         self.d_model = int(bundle.dims["d_model"])
+        self.updater = LongTermUpdater(bundle, threads)
+        self.item_emb = bundle.array("item_emb").astype(np.float32)  # (n_rows, D), as fusion.onnx
 
     def seen_mask(self, seen: Sequence[Sequence[int]]) -> np.ndarray:
         """(B, n_rows) 1.0 for each user's seen rows and for row 0 (padding, never an item)."""
@@ -232,12 +327,16 @@ class Recommender:
         mode: str,
         fixed_alpha: float,
         k: int,
+        updates: Sequence[LongTermUpdate | None] | None = None,
     ) -> RecommendationBatch:
         """Score a batch: `sequences` are recent item rows (oldest first), one per user; `seen`
-        the rows never to recommend to each, None for the sequences' own rows."""
-        return self.score(self.inputs(sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k))
+        the rows never to recommend to each, None for the sequences' own rows; `updates` the
+        events to add to each user's refreshed long-term vector (incremental models)."""
+        return self.score(self.inputs(sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k,
+                                      updates))
 
-    def inputs(self, sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k) -> ScoringInputs:
+    def inputs(self, sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k,
+               updates=None) -> ScoringInputs:
         rows, mask = pad_left(sequences, 10_000)  # padded once: the GPT's input and attention's N
         h_l = np.zeros((len(sequences), self.d_model), dtype=np.float32)
         has_long = np.zeros(len(sequences), dtype=np.float32)
@@ -249,11 +348,39 @@ class Recommender:
         return ScoringInputs(
             self.short_term.feeds(rows, mask),
             self.fuser.feeds(h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),
-                             seen_mask, mode, fixed_alpha, k))
+                             seen_mask, mode, fixed_alpha, k),
+            self.long_update(updates) if updates is not None else None)
+
+    def long_update(self, updates: Sequence[LongTermUpdate | None]
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The up-to-date pooled means of the batch rows that have newer events (numpy on
+        the caller's thread; the head runs in `score`)."""
+        if not self.updater.enabled:
+            return None
+        which = [i for i, u in enumerate(updates) if u is not None and u.events]
+        if not which:
+            return None
+        width = max(len(updates[i].events) for i in which)
+        rows = np.zeros((len(which), width), dtype=np.int64)
+        weights = np.zeros((len(which), width), dtype=np.float32)
+        for j, i in enumerate(which):
+            events = updates[i].events
+            rows[j, width - len(events):] = [r for r, _ in events]
+            weights[j, width - len(events):] = [w for _, w in events]
+        base = np.stack([updates[i].pooled for i in which])
+        base_weight = np.array([updates[i].weight for i in which], dtype=np.float32)
+        return np.array(which), self.updater.pooled(base, base_weight, rows, weights)
 
     def score(self, inputs: ScoringInputs) -> RecommendationBatch:
         """The GPT, then the fusion and top-K: onnxruntime only (it releases the GIL)."""
-        return self.fuser.run(self.short_term.run(inputs.short_term), inputs.fusion)
+        if inputs.long_update is not None:
+            which, pooled = inputs.long_update
+            inputs.fusion["h_l"][which] = self.updater.run(pooled)
+            inputs.fusion["has_long"][which] = 1.0
+        h_s = self.short_term.run(inputs.short_term)
+        batch = self.fuser.run(h_s, inputs.fusion)
+        batch.h_s = h_s
+        return batch
 
     def popular(self, seen: Sequence[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cold start: the most popular items the user has not seen."""

@@ -6,7 +6,9 @@ Keys (prefix `is:`):
   is:hpos:{user}  hash {since, pos}: the place in the user's history of the newest event
                   appended (`streams.state`): an append at or before it is a retry, skipped
   is:dirty        set of users whose history changed since their last refresh
-  is:lt:{user}    hash {vec: float32 bytes, version: int, ts: epoch ms, model: bundle version}
+  is:lt:{user}    hash {vec: float32 bytes, version: int, ts: epoch ms, model: bundle version,
+                  and for an incremental long-term model: pooled (float32 bytes), weight,
+                  since, pos: the weighted mean it came from and the history place it covers}
 
 A vector, its version and its time live in one hash written in one MULTI/EXEC, so a reader
 never sees a half-written value. When Redis is down or slow the worker keeps going without
@@ -38,12 +40,14 @@ PENDING_CAP = 200_000
 # retry (a write that timed out on the worker's side and ran later): skipped, so a history
 # never counts an event twice. Sent as one EVAL instead of ~2 commands per event (redis-py
 # packs and parses each in Python: 15-33 us per event on the event loop).
+VECTOR_FIELDS = ("vec", "version", "ts", "model", "pooled", "weight", "since", "pos")
 SYNC_BATCH = """
+local VECTOR_FIELDS = {%s}
 local n, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local m = (#KEYS - 1 - n) / 2
 local vectors, dirty, places = {}, {}, {}
 for i = 1, n do
-  vectors[i] = redis.call('HMGET', KEYS[1 + i], 'vec', 'version', 'ts', 'model')
+  vectors[i] = redis.call('HMGET', KEYS[1 + i], unpack(VECTOR_FIELDS))
 end
 for j = 1, m do
   local hist, place = KEYS[1 + n + j], KEYS[1 + n + m + j]
@@ -71,7 +75,7 @@ for key, user in pairs(dirty) do
   redis.call('SADD', KEYS[1], user)
 end
 return vectors
-"""
+""" % ", ".join(f"'{f}'" for f in VECTOR_FIELDS)
 
 
 class HistoryAppend(NamedTuple):
@@ -107,14 +111,17 @@ class LongTermVector:
     vec: np.ndarray
     version: int
     ts_ms: int
+    pooled: np.ndarray | None = None  # an incremental model's weighted mean, and its weight
+    weight: float = 0.0
+    place: tuple[str, int] | None = None  # (lineage, position) of the newest event it covers
 
     def age_s(self, now_ms: int) -> float:
         return max(0.0, (now_ms - self.ts_ms) / 1000.0)
 
 
 def parse_vector(fields: Sequence, model: str, d_model: int) -> LongTermVector | None:
-    """HMGET reply (vec, version, ts, model) -> a vector, or None if absent or from another model."""
-    vec, version, ts, owner = fields
+    """HMGET reply (VECTOR_FIELDS) -> a vector, or None if absent or from another model."""
+    vec, version, ts, owner, pooled, weight, since, pos = (*fields, None, None, None, None)[:8]
     if vec is None or version is None or ts is None:
         return None
     if owner is not None and owner.decode() != model:
@@ -122,7 +129,10 @@ def parse_vector(fields: Sequence, model: str, d_model: int) -> LongTermVector |
     arr = np.frombuffer(vec, dtype=np.float32)
     if arr.shape != (d_model,):
         return None
-    return LongTermVector(arr, int(version), int(ts))
+    if pooled is None or weight is None or since is None or pos is None:
+        return LongTermVector(arr, int(version), int(ts))
+    return LongTermVector(arr, int(version), int(ts), np.frombuffer(pooled, dtype=np.float32),
+                          float(weight), (since.decode(), int(pos)))
 
 
 def redis_client(url: str, password: str | None, timeout: float, asyncio_client: bool = True):
@@ -244,24 +254,46 @@ def parse_entry(entry: str) -> tuple[str, float]:
 
 def read_histories(client, users: Sequence[str]) -> list[list[tuple[str, float]]]:
     """Each user's long history as (item_id, event weight), oldest first."""
-    pipe = client.pipeline(transaction=False)
+    return read_histories_at(client, users)[0]
+
+
+def read_histories_at(client, users: Sequence[str]
+                      ) -> tuple[list[list[tuple[str, float]]], list[tuple[str, int] | None]]:
+    """Each user's long history and the place of its newest event, read in one MULTI/EXEC so
+    that the place is the history's own."""
+    pipe = client.pipeline(transaction=True)
     for user in users:
         pipe.lrange(hist_key(user), 0, -1)
-    return [[parse_entry(item.decode()) for item in items] for items in pipe.execute()]
+        pipe.hmget(place_key(user), "since", "pos")
+    replies = pipe.execute()
+    histories = [[parse_entry(item.decode()) for item in items] for items in replies[0::2]]
+    places = [None if pos is None else (since.decode() if since is not None else "", int(pos))
+              for since, pos in replies[1::2]]
+    return histories, places
 
 
-def write_vectors(client, users: Sequence[str], vectors: np.ndarray, model: str, now_ms: int) -> None:
-    """Write every user's vector, bumping its version, in one MULTI/EXEC."""
+def write_vectors(client, users: Sequence[str], vectors: np.ndarray, model: str, now_ms: int,
+                  pooled: np.ndarray | None = None, weights: Sequence[float] | None = None,
+                  places: Sequence[tuple[str, int] | None] | None = None) -> None:
+    """Write every user's vector, bumping its version, in one MULTI/EXEC. With `pooled`, each
+    vector's weighted mean, total weight and history place go with it (a worker then adds the
+    events after that place); a vector without them has them removed."""
     pipe = client.pipeline(transaction=True)
-    for user, vec in zip(users, vectors):
+    for i, (user, vec) in enumerate(zip(users, vectors)):
         pipe.hincrby(vec_key(user), "version", 1)
-        pipe.hset(vec_key(user), mapping={"vec": np.asarray(vec, np.float32).tobytes(),
-                                          "ts": now_ms, "model": model})
+        fields = {"vec": np.asarray(vec, np.float32).tobytes(), "ts": now_ms, "model": model}
+        place = places[i] if places is not None else None
+        if pooled is not None and place is not None:
+            fields.update(pooled=np.asarray(pooled[i], np.float32).tobytes(),
+                          weight=float(weights[i]), since=place[0], pos=place[1])
+        else:
+            pipe.hdel(vec_key(user), "pooled", "weight", "since", "pos")
+        pipe.hset(vec_key(user), mapping=fields)
     pipe.execute()
 
 
 def read_vector(client, user: str, model: str, d_model: int) -> LongTermVector | None:
-    return parse_vector(client.hmget(vec_key(user), "vec", "version", "ts", "model"), model, d_model)
+    return parse_vector(client.hmget(vec_key(user), *VECTOR_FIELDS), model, d_model)
 
 
 def forget_user(client, user: str) -> int:

@@ -41,6 +41,9 @@ CONTROL_REROUTED = Counter("control_rerouted_total",
                            "Control records re-sent to their user's partition", registry=REGISTRY)
 FORGOTTEN = Counter("users_forgotten_total", "Privacy erasures applied", registry=REGISTRY)
 REFRESHES = Counter("long_term_refreshed_total", "Long-term vectors recomputed", registry=REGISTRY)
+LONG_TERM_STALE = Counter("long_term_stale_total",
+                          "Recommendations whose long-term vector missed more events than the "
+                          "short-term state keeps (served as refreshed)", registry=REGISTRY)
 REFRESH_SECONDS = Histogram("long_term_refresh_seconds", "Duration of one refresh pass",
                             registry=REGISTRY)
 

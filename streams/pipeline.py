@@ -41,8 +41,9 @@ from .endpoints import resolve_redis
 from .events import (Event, EventRules, Forget, Rejection, check_routing, decode_event,
                      dlq_headers, dlq_key, dlq_record, parse_control, partition_for)
 from .health import Health
-from .inference import RecommendationBatch, Recommender, ScoringInputs
-from .longterm import HistoryAppend, LongTermStore, history_entry, redis_client
+from .inference import LongTermUpdate, RecommendationBatch, Recommender, ScoringInputs
+from .longterm import (HistoryAppend, LongTermStore, LongTermVector, history_entry,
+                       redis_client)
 from .recovery_watch import RecoveryWatch
 from .state import history_place, last_event_ts, recent_items, update_short_term
 from .state_table import StateTable
@@ -149,6 +150,7 @@ class Pending:
     dt_s: float  # seconds since the user's previous event
     is_new: bool  # False for a redelivered event: state and history left unchanged
     place: tuple[str, int]  # (lineage, position) in the user's long history
+    items: Sequence[Sequence]  # the state's recent (item_id, ts, event_type), oldest first
 
 
 def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pending], dict]:
@@ -171,8 +173,25 @@ def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pe
             rows = [r for r in rows if r]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
         out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new,
-                           history_place(new_state)))
+                           history_place(new_state), new_state["items"]))
     return out, changed
+
+
+def newer_events(lt: LongTermVector, p: Pending, rt: Runtime) -> LongTermUpdate | None:
+    """What brings `lt` up to the event `p`: the state's events after the place the vector
+    covers. None when it covers them already, belongs to another lineage, or is older than
+    the state's memory (then it is served as refreshed)."""
+    if lt.place is None or lt.place[0] != p.place[0]:
+        return None
+    newer = p.place[1] - lt.place[1]
+    if newer <= 0 or newer > len(p.items):
+        if newer > len(p.items):
+            metrics.LONG_TERM_STALE.inc()
+        return None
+    row_of, weights = rt.bundle.items.row_of, rt.weights
+    return LongTermUpdate(lt.pooled, lt.weight, [(row_of[item], weights.get(kind, 1.0))
+                                                 for item, _, kind in p.items[-newer:]
+                                                 if item in row_of])
 
 
 def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: Runtime,
@@ -188,19 +207,25 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     version, mode = rt.bundle.version, rt.fusion_mode
     unranked = MASKED_SCORE / 2  # below it: a masked row
     interests = np.round(batch.fused.astype(np.float32, copy=False), 5)  # (B, D), C-contiguous
-    scores = np.round(batch.scores.astype(np.float64), 4).tolist()
+    raw = batch.scores.astype(np.float64)
+    short = batch.short_term_parts(rt.recommender.item_emb).astype(np.float64)
+    scores = np.round(raw, 4).tolist()
+    shorts = np.round(short, 4).tolist()
+    longs = np.round(raw - short, 4).tolist()  # score = short + long, up to rounding
     alphas = np.round(batch.alpha.astype(np.float64), 4).tolist()
     out = []
-    for p, rows, row_scores, interest, alpha in zip(pending, batch.rows.tolist(), scores,
-                                                    interests, alphas):
+    for p, rows, row_scores, row_short, row_long, interest, alpha in zip(
+            pending, batch.rows.tolist(), scores, shorts, longs, interests, alphas):
         event = p.event
         lt = long_vecs.get(event.user_id)
         out.append(orjson.dumps({
             "event_id": event.event_id,
             "user_id": event.user_id,
             "item_id": event.item_id,  # the event's item: what this recommendation follows
-            "items": [{"item_id": ids[r], "score": sc, "title": titles[r]}
-                      for r, sc in zip(rows, row_scores) if sc > unranked],
+            "items": [{"item_id": ids[r], "score": sc, "short_term": st, "long_term": lg,
+                       "title": titles[r]}
+                      for r, sc, st, lg in zip(rows, row_scores, row_short, row_long)
+                      if sc > unranked],
             "interest": interest,
             "alpha": alpha,
             "fusion_mode": mode,
@@ -455,11 +480,14 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
     long_vecs = long_vecs or {}
+    vecs = [long_vecs.get(p.event.user_id) for p in pending]
+    updates = None
+    if rt.recommender.updater.enabled:
+        updates = [None if lt is None else newer_events(lt, p, rt) for lt, p in zip(vecs, pending)]
     inputs = rt.recommender.inputs(
-        [p.rows for p in pending],
-        [long_vecs[p.event.user_id].vec if p.event.user_id in long_vecs else None for p in pending],
+        [p.rows for p in pending], [None if lt is None else lt.vec for lt in vecs],
         [p.dt_s for p in pending], None,  # seen: the recent rows themselves, padded once
-        rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k)
+        rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k, updates)
     return Prepared(pending, long_vecs, degraded, inputs)
 
 

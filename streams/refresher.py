@@ -1,4 +1,7 @@
-"""The periodic long-term refresh: dirty users' long history -> BERT -> projected vector -> Redis."""
+"""The periodic long-term refresh: dirty users' long history -> the long-term model -> Redis.
+
+With an incremental model each vector is written with the weighted mean it came from and the
+history place it covers, so the worker can add the events that arrive after it."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +12,7 @@ import time
 from . import metrics
 from .bundle import Bundle
 from .inference import LongTermEncoder
-from .longterm import read_histories, take_dirty, write_vectors
+from .longterm import read_histories_at, take_dirty, write_vectors
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +36,12 @@ class LongTermRefresher:
             if not users:
                 break
             try:
-                histories = read_histories(self.client, users)
+                histories, places = read_histories_at(self.client, users)
                 known = [[(row_of[i], w) for i, w in h if i in row_of] for h in histories]
                 keep = [i for i, h in enumerate(known) if h]
                 if keep:
-                    vectors = self.encoder.encode(
-                        [[r for r, _ in known[i]] for i in keep], self.construction,
-                        event_weights=[[w for _, w in known[i]] for i in keep])
-                    write_vectors(self.client, [users[i] for i in keep], vectors,
-                                  self.bundle.version, int(time.time() * 1000))
+                    self.write([users[i] for i in keep], [known[i] for i in keep],
+                               [places[i] for i in keep])
                 total += len(keep)
             except Exception:
                 self.client.sadd("is:dirty", *users)  # put them back for the next pass
@@ -51,6 +51,19 @@ class LongTermRefresher:
         if total:
             log.info("refreshed %d long-term vectors in %.2fs", total, time.perf_counter() - started)
         return total
+
+    def write(self, users: list[str], known: list[list[tuple[int, float]]],
+              places: list[tuple[str, int] | None]) -> None:
+        rows = [[r for r, _ in h] for h in known]
+        weights = [[w for _, w in h] for h in known]
+        now_ms = int(time.time() * 1000)
+        if self.construction in (None, "model") and self.encoder.construction == "model":
+            parts = self.encoder.model_parts(rows, weights)
+            write_vectors(self.client, users, parts.h_l, self.bundle.version, now_ms,
+                          parts.pooled, parts.weight, places)
+        else:
+            vectors = self.encoder.encode(rows, self.construction, event_weights=weights)
+            write_vectors(self.client, users, vectors, self.bundle.version, now_ms)
 
     def run_forever(self, interval_s: float, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

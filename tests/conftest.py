@@ -34,11 +34,12 @@ def quick_bundle(tmp_path_factory) -> Path:
     from model_export import data
     from model_export.build import build
     from model_export.train import TrainConfig
+    from model_export.train_long_term import LongTermTrainConfig
 
     out = tmp_path_factory.mktemp("bundle")
     cfg = TrainConfig(epochs=12, fusion_epochs=3, progress=False)
     build(data.synthetic(n_users=200, n_items=240, events_per_user=30, seed=1), out,
-          {"max_len": 20}, cfg)
+          {"max_len": 20}, cfg, long_train=LongTermTrainConfig(max_epochs=10, progress=False))
     return out
 
 

@@ -85,3 +85,50 @@ def test_cold_start_is_popularity_minus_seen(bundle):
     rows, scores = rec.popular([[int(np.argmax(rec.popularity))]], 5)
     assert int(np.argmax(rec.popularity)) not in rows[0]
     assert np.all(np.diff(scores[0]) <= 0)
+
+
+@pytest.mark.parametrize("half_life", [1e9, 7.0])
+def test_per_event_update_equals_a_refresh_over_the_whole_history(bundle, half_life):
+    """The worker's update of a refreshed vector with the events after it gives the vector
+    the refresher would compute now (histories within the model's window)."""
+    from streams.inference import LongTermUpdate, LongTermUpdater
+
+    lt = LongTermEncoder(bundle, with_text_encoder=False)
+    updater = LongTermUpdater(bundle)
+    assert lt.incremental and updater.enabled
+    lt.model_half_life = half_life  # the same bundle, read with another decay
+    updater.decay = np.float32(0.5 ** (1.0 / half_life))
+    history = [3, 17, 5, 5, 40, 8, 22, 9, 31]
+    weights = [1.0, 2.0, 1.0, 0.5, 1.0, 1.0, 3.0, 1.0, 1.0]
+    full = lt.model_parts([history], [weights])
+    for newer in (1, 4):
+        old = lt.model_parts([history[:-newer]], [weights[:-newer]])
+        rows = np.array([history[-newer:]])
+        pooled = updater.pooled(old.pooled, old.weight, rows, np.array([weights[-newer:]],
+                                                                      dtype=np.float32))
+        np.testing.assert_allclose(pooled, full.pooled, atol=1e-5)
+        np.testing.assert_allclose(updater.run(pooled), full.h_l, atol=1e-4)
+    # through the recommender: the updated vector is what the fusion scores with
+    rec = Recommender(bundle)
+    update = LongTermUpdate(old.pooled[0], float(old.weight[0]),
+                            list(zip(history[-4:], weights[-4:])))
+    rec.updater.decay = updater.decay
+    served = rec.recommend([history[-5:]], [old.h_l[0]], [1.0], None, "fixed", 0.0, 5, [update])
+    fresh = rec.recommend([history[-5:]], [full.h_l[0]], [1.0], None, "fixed", 0.0, 5)
+    np.testing.assert_allclose(served.fused, fresh.fused, atol=1e-4)
+    stale = rec.recommend([history[-5:]], [old.h_l[0]], [1.0], None, "fixed", 0.0, 5)
+    assert np.abs(stale.fused - fresh.fused).max() > 1e-3  # the update did change something
+
+
+def test_explanations_split_each_score_into_its_two_parts(bundle):
+    rec = Recommender(bundle)
+    lt = LongTermEncoder(bundle, with_text_encoder=False)
+    seqs = [[1, 2, 3], [5, 6]]
+    h_l = lt.model_parts(seqs).h_l
+    out = rec.recommend(seqs, list(h_l), [1.0, 1.0], None, "fixed", 0.6, 5)
+    short = out.short_term_parts(rec.item_emb)
+    h_s = rec.short_term.encode(seqs)
+    e = rec.item_emb[out.rows]  # (B, K, D)
+    np.testing.assert_allclose(short, 0.6 * np.einsum("bd,bkd->bk", h_s, e), atol=1e-4)
+    long_part = 0.4 * np.einsum("bd,bkd->bk", h_l, e)
+    np.testing.assert_allclose(short + long_part, out.scores, atol=1e-4)

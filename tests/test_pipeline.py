@@ -186,24 +186,32 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
 
     items = SimpleNamespace(ids_by_row=(None, "i1", "i2", "i3"),
                             titles_by_row=(None, "T1", "T2", "T3"))
-    rt = SimpleNamespace(bundle=SimpleNamespace(items=items, version="v1"), fusion_mode="fixed")
+    item_emb = np.zeros((4, 3), np.float32)
+    item_emb[3] = [1.0, 0.0, 0.0]  # h_s . e = h_s[0] for row 3
+    rt = SimpleNamespace(bundle=SimpleNamespace(items=items, version="v1"), fusion_mode="fixed",
+                         recommender=SimpleNamespace(item_emb=item_emb))
     batch = RecommendationBatch(
         fused=np.array([[0.078979995, -5.8632998, 1.0], [2.5, -0.0000004, 123.456789]],
                        dtype=np.float32),
         alpha=np.array([0.30000001, 1.0], dtype=np.float32),
         rows=np.array([[3, 1], [2, 0]]),  # 0: padding, masked (k above the items left unseen)
-        scores=np.array([[4.72069979, 4.66970015], [1.0, MASKED_SCORE]], dtype=np.float32))
+        scores=np.array([[4.72069979, 4.66970015], [1.0, MASKED_SCORE]], dtype=np.float32),
+        h_s=np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32))
     event = SimpleNamespace(event_id="e", user_id="u", item_id="i9", ts=5)
     pending = [SimpleNamespace(event=event)] * 2
     values = pipeline.render_outputs(pending, batch, rt, {}, False, 7)
     first, second = (orjson.loads(v) for v in values)
     assert first["interest"] == [0.07898, -5.8633, 1.0]
     assert second["interest"] == [2.5, -0.0, 123.45679]
-    assert first["items"] == [{"item_id": "i3", "score": 4.7207, "title": "T3"},
-                              {"item_id": "i1", "score": 4.6697, "title": "T1"}]
+    # the score's short-term part alpha * h_s . e and the rest, its long-term part
+    assert first["items"] == [{"item_id": "i3", "score": 4.7207, "short_term": 0.6,
+                               "long_term": 4.1207, "title": "T3"},
+                              {"item_id": "i1", "score": 4.6697, "short_term": 0.0,
+                               "long_term": 4.6697, "title": "T1"}]
     assert (first["alpha"], second["alpha"]) == (0.3, 1.0)
     assert b"0.07898," in values[0] and b"4.7207," in values[0]  # the short form on the wire
-    assert second["items"] == [{"item_id": "i2", "score": 1.0, "title": "T2"}]  # masked: left out
+    assert second["items"] == [{"item_id": "i2", "score": 1.0, "short_term": 0.0,
+                                "long_term": 1.0, "title": "T2"}]  # masked: left out
     assert (first["event_ts"], first["emitted_ts"], first["long_term"]) == (5, 7, None)
 
 
@@ -222,3 +230,26 @@ def test_apply_state_maps_recent_items_to_rows_and_skips_items_the_catalog_lost(
     assert [p.dt_s for p in pending] == [1.5, 0.0, 0.0]
     assert {user: fe for user, (fe, _) in changed.items()} == {"u1": "fe0", "u2": "fe2"}
     assert changed["u1"][1]["n_events"] == 4
+
+
+def test_newer_events_are_the_states_events_after_the_vectors_place():
+    import numpy as np
+
+    from streams.longterm import LongTermVector
+
+    rt = SimpleNamespace(bundle=SimpleNamespace(items=SimpleNamespace(row_of={"a": 1, "b": 2})),
+                         weights={"click": 1.0, "buy": 3.0})
+    items = (("a", 1, "click"), ("gone", 2, "click"), ("b", 3, "buy"))
+    lt = LongTermVector(np.zeros(2, np.float32), 1, 0, np.ones(4, np.float32), 2.5, ("e1", 4))
+
+    def pending(place):
+        return SimpleNamespace(place=place, items=items)
+
+    update = pipeline.newer_events(lt, pending(("e1", 6)), rt)
+    assert update.events == [(2, 3.0)] and update.weight == 2.5  # "gone": not in the catalog
+    assert pipeline.newer_events(lt, pending(("e1", 7)), rt).events == [(1, 1.0), (2, 3.0)]
+    assert pipeline.newer_events(lt, pending(("e1", 4)), rt) is None  # covered already
+    assert pipeline.newer_events(lt, pending(("e2", 6)), rt) is None  # another lineage
+    assert pipeline.newer_events(lt, pending(("e1", 8)), rt) is None  # older than the state
+    plain = LongTermVector(np.zeros(2, np.float32), 1, 0)  # written without its mean
+    assert pipeline.newer_events(plain, pending(("e1", 6)), rt) is None

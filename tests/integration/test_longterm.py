@@ -116,6 +116,38 @@ def test_refresher_advances_version_and_recommendations_change(stack, quick_bund
     assert [i["score"] for i in after["items"]] != [i["score"] for i in before["items"]]
 
 
+def test_worker_adds_the_events_after_a_refresh_to_the_long_term_vector(stack, quick_bundle,
+                                                                       workers, redis_sync):
+    """The served long-term vector is never staler than the current event: an event after the
+    refresh is added by the worker, and gives the vector a refresh including it would give."""
+    settings = unique_settings(stack, quick_bundle, fusion_mode="fixed", fusion_alpha=0.0)
+    ensure_topics(settings, stack["kafka"])
+    workers(settings)
+    bundle = load_bundle(quick_bundle)
+    assert bundle.manifest["long_term"]["model"]["incremental"]
+    user = f"fresh-{settings.app_id}"
+    events = [e.__class__(e.event_id, user, e.item_id, e.event_type, e.ts)
+              for e in make_events(8, items=bundle.items.item_ids[10:18])]
+    send(settings, events[:6])
+    collect(settings, settings.topic_recommendations, 6)
+    LongTermRefresher(redis_sync, bundle).refresh_once()  # covers the first 6 events
+    stored = read_vector(redis_sync, user, bundle.version, bundle.dims["d_model"])
+    assert stored.place is not None and stored.place[1] == 6
+    send(settings, events[6:])
+    served = {r["event_id"]: r for r in collect(settings, settings.topic_recommendations, 8)}
+    LongTermRefresher(redis_sync, bundle).refresh_once()  # now covers all 8
+    send(settings, [events[-1]])  # redelivered: the refreshed vector needs no update
+    outputs = collect(settings, settings.topic_recommendations, 9)
+    refreshed = [r for r in outputs if r["event_id"] == events[-1].event_id][-1]
+    updated = served[events[-1].event_id]
+    # alpha 0: the interest is h_l itself; rounded to 5 decimals in the message
+    assert np.abs(np.array(updated["interest"]) - np.array(refreshed["interest"])).max() < 2e-4
+    assert updated["interest"] != served[events[5].event_id]["interest"]
+    for item in updated["items"]:
+        assert abs(item["short_term"] + item["long_term"] - item["score"]) < 2e-4
+        assert item["short_term"] == 0.0  # alpha 0: all of the score is long-term
+
+
 def test_redis_down_degrades_then_recovers(stack, quick_bundle, workers, tmp_path):
     redis = LocalRedis(tmp_path / "redis")
     url = redis.start()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from model_export import data
-from model_export.evaluate import ROWS, evaluate
+from model_export.evaluate import default_rows, evaluate
 from streams.bundle import FILES, load_bundle
 from streams.errors import BundleError
 
@@ -15,12 +15,13 @@ def test_quick_bundle_is_complete_and_fused_beats_popularity(quick_bundle):
     for name in FILES.values():
         assert (quick_bundle / name).is_file()
     m = bundle.manifest["metrics"]
-    assert set(m) == set(ROWS)
+    assert set(m) == set(default_rows(bundle))
     assert m["gpt"]["ndcg@10"] > 2 * m["popularity"]["ndcg@10"]
     assert m["fused_gate"]["ndcg@10"] > m["popularity"]["ndcg@10"]
     assert m["bert"]["ndcg@10"] > m["popularity"]["ndcg@10"]
     assert bundle.manifest["parity"] == {"short_term.onnx": "ok", "text_encoder.onnx": "ok",
-                                         "fusion.onnx": "ok"}
+                                         "fusion.onnx": "ok", "long_term.onnx": "ok",
+                                         "long_term_head.onnx": "ok"}
 
 
 def test_evaluate_counts_unknown_items_instead_of_scoring_them(quick_bundle):
@@ -66,3 +67,22 @@ def test_corrupt_or_missing_bundle_names_the_file(quick_bundle, tmp_path):
     (copy / "fusion.onnx").unlink()
     with pytest.raises(BundleError, match="fusion.onnx"):
         load_bundle(copy)
+
+
+def test_fused_beats_both_towers_when_the_taste_lies_beyond_the_short_window(tmp_path):
+    """Synthetic users with a stable taste (3 of 12 topics) and short random sessions; the
+    GPT reads 3 items, so the taste is beyond its window: fusion must beat both alone."""
+    from model_export.build import build
+    from model_export.train import TrainConfig
+    from model_export.train_long_term import LongTermTrainConfig
+
+    ds = data.synthetic(n_users=300, n_items=240, n_topics=12, events_per_user=40,
+                        session_len=3, walk=False, taste=3, in_taste=0.9, seed=1)
+    manifest = build(ds, tmp_path / "b", {"max_len": 3},
+                     TrainConfig(epochs=12, fusion_epochs=3, progress=False),
+                     long_train=LongTermTrainConfig(max_epochs=10, half_lives=(1e9,),
+                                                    progress=False))
+    m = {name: row["ndcg@10"] for name, row in manifest["metrics"].items()}
+    best = max(m[name] for name in ("fused_fixed", "fused_gate"))
+    assert best > 1.03 * m["gpt"] and best > 1.5 * m["long_pooled"], m
+    assert manifest["fixed_alpha"] < 1.0  # the build chose to use the long-term vector

@@ -75,3 +75,38 @@ def test_fusion_graph_returns_k_items_for_the_k_fed(tmp_path):
         top[k] = scores
     np.testing.assert_allclose(top[10][:, :3], top[3])  # a shorter list is the longer one's head
     np.testing.assert_allclose(top[3][:, :1], top[1])
+
+
+def _long_term_model(n_layer: int, half_life: float = 1e9):
+    from model_export.long_term import LongTermConfig, LongTermModel
+
+    torch.manual_seed(n_layer)
+    cfg = LongTermConfig(n_rows=70, d_text=12, d_out=16, window=24, n_layer=n_layer,
+                         half_life=half_life, d_model=16, dropout=0.3)
+    return LongTermModel(cfg, torch.randn(70, 12)).eval()
+
+
+def test_long_term_parity_with_padding_for_the_pooled_tower_and_the_bert(tmp_path):
+    from model_export.export import long_term_cases, long_term_head_cases
+    from model_export.long_term import LongTermGraph, LongTermHeadGraph
+    from streams.bundle import LONG_TERM, LONG_TERM_HEAD
+
+    for n_layer in (0, 2):
+        graph = LongTermGraph(_long_term_model(n_layer))
+        graph.train()  # export must still give an eval-mode graph
+        cases = long_term_cases(70, 24, seed=n_layer)
+        path = export(graph, cases["B3xW7"], LONG_TERM, tmp_path / f"lt{n_layer}.onnx")
+        assert validate(graph, path, LONG_TERM, long_term_cases(70, 24, seed=9)) == []
+        head = LongTermHeadGraph(graph.model)
+        path = export(head, long_term_head_cases(16)["B5"], LONG_TERM_HEAD, tmp_path / "h.onnx")
+        assert validate(head, path, LONG_TERM_HEAD, long_term_head_cases(16, seed=4)) == []
+
+
+def test_long_term_vector_ignores_padding():
+    model = _long_term_model(2)
+    rows = torch.tensor([[0, 0, 5, 9, 3], [1, 2, 3, 4, 5]])
+    weights = (rows > 0).float()
+    with torch.no_grad():
+        batch = model(rows, weights)
+        alone = model(rows[:1, 2:], weights[:1, 2:])
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)

@@ -1,0 +1,215 @@
+"""Training the long-term model and choosing its settings and the fusion on the validation split.
+
+Examples are (user, t): the tower reads the newest `window` items before position t - lag and
+predicts item t through the GPT's (frozen) item embeddings, so h_l lives in the space the
+fusion scores in. The served lag is 0: the worker brings the refreshed vector up to date with
+every event since the refresh (`streams.inference.LongTermUpdater`), so training uses lag 0
+and evaluation reports other lags beside it (`evaluate --long-term-lag`).
+
+Every choice (half-life, text input, epochs) is made on the validation item of each user,
+which neither model trained on; the test item is never looked at here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .gpt import ItemGPT
+from .long_term import LongTermConfig, LongTermModel, recency_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LongTermTrainConfig:
+    max_epochs: int = 40
+    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    epoch_examples: int = 32_768  # an "epoch" is this many random examples: finer stopping
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    half_lives: tuple[float, ...] = (1e9, 50.0)  # candidates (items), picked on validation
+    use_text: tuple[bool, ...] = (True,)
+    seed: int = 0
+    progress: bool = True
+
+
+def left_window(seq: np.ndarray, end: int, window: int) -> np.ndarray:
+    """The newest `window` items of seq[:end], left-padded with row 0."""
+    w = seq[max(0, end - window):max(end, 0)]
+    return np.concatenate([np.zeros(window - len(w), np.int64), w])
+
+
+def batch_inputs(seqs: list[np.ndarray], examples: np.ndarray, window: int, lag: int = 0
+                 ) -> torch.Tensor:
+    """(M, 2) examples (user index, target position) -> (M, T) rows known `lag` events
+    before the target, left-padded; T = the longest input, at most `window` (padding has
+    weight 0, so a narrower batch computes the same vectors, faster)."""
+    width = max(1, min(window, int(examples[:, 1].max()) - lag)) if len(examples) else 1
+    return torch.from_numpy(np.stack([left_window(seqs[u], t - lag, width) for u, t in examples]))
+
+
+def train_examples(seqs: list[np.ndarray]) -> np.ndarray:
+    return np.array([(u, t) for u, s in enumerate(seqs) for t in range(1, len(s))], dtype=np.int64)
+
+
+def ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor, seen: list[np.ndarray]) -> float:
+    scores = scores.clone()
+    scores[:, 0] = NEG_INF
+    for i, rows in enumerate(seen):
+        scores[i, torch.from_numpy(rows)] = NEG_INF
+    target = scores.gather(1, targets[:, None])
+    rank = 1 + (scores > target).sum(1)
+    return float(torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), 0.0).mean())
+
+
+NEG_INF = -1e30
+
+
+@dataclass
+class Validation:
+    """Each user's validation case: the training sequence as input, the validation item."""
+
+    seqs: list[np.ndarray]  # the full training sequence per validation user
+    targets: torch.Tensor
+    seen: list[np.ndarray]
+    h_s: torch.Tensor  # the GPT's short-term vector after the training sequence
+
+    @classmethod
+    def build(cls, gpt: ItemGPT, seqs: list[list[int]], targets: list[int]) -> "Validation":
+        arrays = [np.asarray(s, np.int64) for s in seqs]
+        with torch.no_grad():
+            rows = batch_inputs(arrays, np.array([(i, len(s)) for i, s in enumerate(arrays)]),
+                                gpt.cfg.max_len)
+            h_s = gpt(rows, (rows > 0).float(), last_only=True)[:, -1]
+        return cls(arrays, torch.tensor(targets), [np.unique(s) for s in arrays], h_s)
+
+    def h_l(self, model: LongTermModel, lag: int = 0) -> torch.Tensor:
+        ex = np.array([(i, len(s)) for i, s in enumerate(self.seqs)])
+        return encode(model, self.seqs, ex, lag)
+
+
+@torch.no_grad()
+def encode(model: LongTermModel, seqs: list[np.ndarray], examples: np.ndarray, lag: int = 0,
+           batch: int = 1024) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(examples), batch):
+        rows = batch_inputs(seqs, examples[start:start + batch], model.cfg.window, lag)
+        out.append(model(rows, recency_weights((rows > 0).float(), model.cfg.half_life)))
+    return torch.cat(out)
+
+
+def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Tensor,
+                seqs: list[np.ndarray], val: Validation, tcfg: LongTermTrainConfig
+                ) -> tuple[LongTermModel, float, int]:
+    """Next-item training of one configuration with early stopping on validation NDCG@10 of
+    the tower alone; returns (best model, its validation NDCG@10, epochs run)."""
+    torch.manual_seed(tcfg.seed)
+    model = LongTermModel(cfg, text_emb)
+    examples = train_examples(seqs)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    gen = np.random.default_rng(tcfg.seed)
+    best, best_state, best_epoch, epoch = -1.0, None, 0, 0
+    item_emb = item_emb.detach()
+    for epoch in range(1, tcfg.max_epochs + 1):
+        model.train()
+        order = gen.permutation(len(examples))[:tcfg.epoch_examples]
+        bar = tqdm(total=len(order), desc=f"long-term e{epoch}", unit="ex", leave=False,
+                   disable=not tcfg.progress)
+        for start in range(0, len(order), tcfg.batch_size):
+            ex = examples[order[start:start + tcfg.batch_size]]
+            rows = batch_inputs(seqs, ex, cfg.window)
+            targets = torch.from_numpy(np.array([seqs[u][t] for u, t in ex]))
+            h_l = model(rows, recency_weights((rows > 0).float(), cfg.half_life))  # (B, D)
+            loss = F.cross_entropy(h_l @ item_emb.T, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            bar.update(len(ex))
+        bar.close()
+        score = ndcg_at_10(val.h_l(model) @ item_emb.T, val.targets, val.seen)
+        log.info("long-term %s epoch %d: validation NDCG@10 %.4f", _describe(cfg), epoch, score)
+        if score > best:
+            best, best_epoch = score, epoch
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= tcfg.patience:
+            break
+    model.load_state_dict(best_state)
+    return model.eval(), best, best_epoch
+
+
+def _describe(cfg: LongTermConfig) -> str:
+    hl = "inf" if cfg.half_life >= 1e8 else f"{cfg.half_life:g}"
+    return f"(layers={cfg.n_layer}, half_life={hl}, text={cfg.use_text})"
+
+
+@torch.no_grad()
+def best_fixed_alpha(h_s: torch.Tensor, h_l: torch.Tensor, item_emb: torch.Tensor,
+                     val: Validation) -> tuple[float, float]:
+    """The fixed mode's short-term weight with the best validation NDCG@10, and that NDCG."""
+    best, best_alpha = -1.0, 1.0
+    for alpha in [i / 20 for i in range(21)]:
+        score = ndcg_at_10((alpha * h_s + (1 - alpha) * h_l) @ item_emb.T, val.targets, val.seen)
+        if score > best + 1e-9:
+            best, best_alpha = score, alpha
+    return best_alpha, best
+
+
+@dataclass
+class LongTermChoice:
+    model: LongTermModel
+    fixed_alpha: float
+    valid: dict  # validation NDCG@10 of each candidate and of the GPT alone
+    seconds: float
+
+
+def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
+                     seqs: list[list[int]], val: Validation, tcfg: LongTermTrainConfig
+                     ) -> LongTermChoice:
+    """Train each candidate configuration; keep the one whose fused validation NDCG@10 (at its
+    best fixed weight) is highest. The fused score is what is served, so it is what decides."""
+    started = time.time()
+    item_emb = gpt.item_embeddings.detach()
+    arrays = [np.asarray(s, np.int64) for s in seqs]
+    gpt_only = ndcg_at_10(val.h_s @ item_emb.T, val.targets, val.seen)
+    report, best = {"gpt": round(gpt_only, 4)}, None
+    for half_life in tcfg.half_lives:
+        for use_text in tcfg.use_text:
+            cfg = replace(base, half_life=half_life, use_text=use_text)
+            model, alone, epochs = train_tower(cfg, text_emb, item_emb, arrays, val, tcfg)
+            alpha, fused = best_fixed_alpha(val.h_s, val.h_l(model), item_emb, val)
+            report[_describe(cfg)] = {"alone": round(alone, 4), "fused": round(fused, 4),
+                                      "alpha": alpha, "epochs": epochs}
+            log.info("long-term %s: alone %.4f, fused %.4f at alpha %.2f (gpt %.4f)",
+                     _describe(cfg), alone, fused, alpha, gpt_only)
+            if best is None or fused > best[0]:
+                best = (fused, model, alpha)
+    return LongTermChoice(best[1], best[2], report, round(time.time() - started, 1))
+
+
+@torch.no_grad()
+def held_out_examples(gpt: ItemGPT, model: LongTermModel, seqs: list[list[int]],
+                      times: list[list[int]], tail: int):
+    """(h_s, h_l, dt, target) at each user's last `tail` training positions, which neither
+    tower trained on: the gate learns from vectors as they are at serving time."""
+    arrays = [np.asarray(s, np.int64) for s in seqs]
+    examples = np.array([(u, t) for u, s in enumerate(arrays) if len(s) > 2 * tail
+                         for t in range(len(s) - tail, len(s))], dtype=np.int64)
+    gpt.eval()
+    h_s = []
+    for start in range(0, len(examples), 1024):
+        rows = batch_inputs(arrays, examples[start:start + 1024], gpt.cfg.max_len)
+        h_s.append(gpt(rows, (rows > 0).float(), last_only=True)[:, -1])
+    h_l = encode(model, arrays, examples)
+    dt = torch.tensor([[np.log1p(max(times[u][t - 1] - times[u][t - 2], 0)) if t > 1 else 0.0]
+                       for u, t in examples], dtype=torch.float32)
+    target = torch.from_numpy(np.array([arrays[u][t] for u, t in examples]))
+    return torch.cat(h_s), h_l, dt, target
