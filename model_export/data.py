@@ -156,8 +156,8 @@ def _rows(path: Path):
 def _finish(ds: Dataset) -> Dataset:
     """Drop exact duplicates (counted), order by user then time; ties keep the log's order.
 
-    Not by item id: within a second of bulk ratings that made "the next item has a higher id"
-    learnable, a pattern no live stream has, and it put each user's rarest (highest-id) items
+    Not by item id: within a second of bulk ratings that makes "the next item has a higher id"
+    learnable, a pattern no live stream has, and puts each user's rarest (highest-id) items
     last, i.e. in the test split."""
     unique = list(dict.fromkeys(ds.interactions))
     if len(unique) != len(ds.interactions):

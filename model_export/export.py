@@ -146,24 +146,16 @@ def export_all(short_term, text_encoder, fusion, out: Path, n_rows: int, d_model
     te_cases = text_encoder_cases(vocab)
     fu_cases = fusion_cases(n_rows, d_model, fusion.max_k)
     lt_cfg = long_term.model.cfg
-    plan = [
-        ("short_term.onnx", short_term, SHORT_TERM, st_cases),
-        ("text_encoder.onnx", text_encoder, TEXT_ENCODER, te_cases),
-        ("fusion.onnx", fusion, FUSION, fu_cases),
-        ("long_term.onnx", long_term, LONG_TERM, long_term_cases(n_rows, lt_cfg.window)),
-        ("long_term_head.onnx", long_term_head, LONG_TERM_HEAD, long_term_head_cases(lt_cfg.d_model)),
+    plan = [  # (file, module, signature, cases, the case traced for export)
+        ("short_term.onnx", short_term, SHORT_TERM, st_cases, "B3xT7"),
+        ("text_encoder.onnx", text_encoder, TEXT_ENCODER, te_cases, "B1xL5"),
+        ("fusion.onnx", fusion, FUSION, fu_cases, "B4xN10m2"),
+        ("long_term.onnx", long_term, LONG_TERM, long_term_cases(n_rows, lt_cfg.window), "B3xW7"),
+        ("long_term_head.onnx", long_term_head, LONG_TERM_HEAD,
+         long_term_head_cases(lt_cfg.d_model), "B5"),
     ]
     report = {}
-    for filename, module, signature, cases in plan:
-        example = next(iter(cases.values()))
-        if filename == "short_term.onnx":
-            example = cases["B3xT7"]
-        if filename == "fusion.onnx":
-            example = cases["B4xN10m2"]
-        if filename == "long_term.onnx":
-            example = cases["B3xW7"]
-        if filename == "long_term_head.onnx":
-            example = cases["B5"]
-        export(module, example, signature, out / filename)
+    for filename, module, signature, cases, traced in plan:
+        export(module, cases[traced], signature, out / filename)
         report[filename] = validate(module, out / filename, signature, cases)
     return report
