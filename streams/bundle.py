@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from streams.errors import BundleError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import signal
 import sys
 import threading
 
-from .config import Settings
-from .errors import InterestStreamError
+from streams.config import Settings
+from streams.errors import InterestStreamError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def cmd_settings(settings: Settings, args) -> int:
 
 def cmd_install(settings: Settings, args) -> int:
     """Install what the local stack needs: the Kafka jars (Maven) and Debian's redis-server."""
-    from .local import ensure_kafka_installed, ensure_redis_installed
+    from streams.local.stack import ensure_kafka_installed, ensure_redis_installed
 
     print(f"kafka jars: {ensure_kafka_installed()}")
     print(f"redis-server: {ensure_redis_installed()}")
@@ -31,8 +31,8 @@ def cmd_install(settings: Settings, args) -> int:
 
 def cmd_up(settings: Settings, args) -> int:
     """Start the local Kafka and Redis and keep them up until Ctrl-C."""
-    from .kafka_clients import ensure_topics
-    from .local import LocalStack
+    from streams.kafka.clients import ensure_topics
+    from streams.local.stack import LocalStack
 
     stack = LocalStack(settings.state_dir / "local")
     stop = threading.Event()
@@ -58,14 +58,14 @@ def _faust_argv(settings: Settings) -> list[str]:
 
 def cmd_worker(settings: Settings, args) -> int:
     """Run the Faust worker (validates the bundle and the broker first)."""
-    from .bundle import load_bundle
+    from streams.bundle import load_bundle
 
     load_bundle(settings.bundle_dir)  # a missing or corrupt bundle: clear error, exit 2
-    from . import app as app_module
-    from .kafka_clients import ensure_topics
+    from streams.kafka.clients import ensure_topics
+    from streams.worker import app as app_module
 
     ensure_topics(settings, app_module.resolve_kafka(settings), state=True)
-    from .pipeline import EXIT_CRASHED, health, runtime
+    from streams.worker.pipeline import EXIT_CRASHED, health, runtime
 
     runtime()
     sys.argv = _faust_argv(settings)
@@ -81,10 +81,10 @@ def cmd_worker(settings: Settings, args) -> int:
 
 
 def cmd_refresher(settings: Settings, args) -> int:
-    from .endpoints import resolve_redis
-    from .bundle import load_bundle
-    from .longterm import redis_client
-    from .refresher import LongTermRefresher
+    from streams.bundle import load_bundle
+    from streams.local.endpoints import resolve_redis
+    from streams.longterm.refresher import LongTermRefresher
+    from streams.longterm.store import redis_client
 
     bundle = load_bundle(settings.bundle_dir)
     url = resolve_redis(settings)
@@ -93,7 +93,7 @@ def cmd_refresher(settings: Settings, args) -> int:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        from .metrics import REGISTRY
+        from streams.metrics import REGISTRY
 
         start_http_server(args.metrics_port, addr=settings.web_host, registry=REGISTRY)
     client = redis_client(url, settings.redis_password, timeout=5.0, asyncio_client=False)
@@ -106,7 +106,7 @@ def cmd_refresher(settings: Settings, args) -> int:
 
 
 def _bootstrap(settings: Settings) -> str:
-    from .endpoints import resolve_kafka
+    from streams.local.endpoints import resolve_kafka
 
     return resolve_kafka(settings)
 
@@ -115,8 +115,8 @@ def cmd_replay(settings: Settings, args) -> int:
     """Publish a recorded stream (u.data, CSV or JSONL) to the events topic."""
     from tqdm import tqdm
 
-    from .kafka_clients import ensure_topics, produce, producer
-    from .replay import Pacer, parse_time, read_recorded, replay
+    from streams.kafka.clients import ensure_topics, produce, producer
+    from streams.tools.replay import Pacer, parse_time, read_recorded, replay
 
     # the file first: a wrong path is told before anything waits on a broker
     events = list(read_recorded(args.file, args.limit, parse_time(args.start), parse_time(args.end)))
@@ -145,8 +145,8 @@ def cmd_record(settings: Settings, args) -> int:
 
     from tqdm import tqdm
 
-    from .kafka_clients import consumer
-    from .record import group_id, record
+    from streams.kafka.clients import consumer
+    from streams.tools.record import group_id, record
 
     reset = "earliest" if args.from_beginning else "latest"
     cons = consumer(settings, _bootstrap(settings), group_id(), **{"auto.offset.reset": reset})
@@ -157,14 +157,14 @@ def cmd_record(settings: Settings, args) -> int:
 
 
 def cmd_dashboard(settings: Settings, args) -> int:
-    from .dashboard import run
+    from streams.tools.dashboard import run
 
     run(settings, _bootstrap(settings))
     return 0
 
 
 def cmd_evaluate_stream(settings: Settings, args) -> int:
-    from .evaluate_stream import evaluate_stream
+    from streams.tools.evaluate_stream import evaluate_stream
 
     result = evaluate_stream(settings, args.data, test_share=args.test_share, limit=args.limit)
     print(json.dumps(result, indent=2))
@@ -172,8 +172,8 @@ def cmd_evaluate_stream(settings: Settings, args) -> int:
 
 
 def cmd_passthrough(settings: Settings, args) -> int:
-    from . import passthrough
-    from .kafka_clients import ensure_topics
+    from streams.bench import passthrough
+    from streams.kafka.clients import ensure_topics
 
     ensure_topics(settings, _bootstrap(settings))
     sys.argv = _faust_argv(settings)
@@ -182,7 +182,7 @@ def cmd_passthrough(settings: Settings, args) -> int:
 
 
 def cmd_bench(settings: Settings, args) -> int:
-    from .bench import run_bench
+    from streams.bench.run import run_bench
 
     return run_bench(settings, args)
 
@@ -190,10 +190,10 @@ def cmd_bench(settings: Settings, args) -> int:
 def cmd_forget(settings: Settings, args) -> int:
     """Erase a user: a control record on the control topic, keyed to the user's partition
     (the worker tombstones the state and erases Redis), and Redis erased here at once too."""
-    from .endpoints import resolve_redis
-    from .events import forget_record
-    from .kafka_clients import ensure_topics, producer
-    from .longterm import forget_user, redis_client
+    from streams.events import forget_record
+    from streams.kafka.clients import ensure_topics, producer
+    from streams.local.endpoints import resolve_redis
+    from streams.longterm.store import forget_user, redis_client
 
     bootstrap = _bootstrap(settings)
     ensure_topics(settings, bootstrap)
@@ -215,7 +215,7 @@ def cmd_forget(settings: Settings, args) -> int:
 
 
 def cmd_demo(settings: Settings, args) -> int:
-    from .demo import run_demo
+    from streams.tools.demo import run_demo
 
     return run_demo(settings, events=args.events, rate=args.rate, quick=args.quick)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .errors import ConfigError
+from streams.errors import ConfigError
 
 FUSION_MODES = ("fixed", "attention", "gate")
 PROCESSING_GUARANTEES = ("at_least_once", "exactly_once")

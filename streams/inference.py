@@ -12,9 +12,9 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import (FUSION, FUSION_MODES, LONG_TERM, LONG_TERM_HEAD, SHORT_TERM, TEXT_ENCODER,
-                     Bundle)
-from .errors import BundleError
+from streams.bundle import (FUSION, FUSION_MODES, LONG_TERM, LONG_TERM_HEAD, SHORT_TERM,
+                            TEXT_ENCODER, Bundle)
+from streams.errors import BundleError
 
 log = logging.getLogger(__name__)
 

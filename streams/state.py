@@ -11,7 +11,7 @@ State layout (arrays in JSON; tuples in memory, lists after a restore from the c
      "since": event_id}                               # the first of them: names this lineage
 
 `(since, n_events)` names an event's place in the user's history: the long history in Redis
-appends an event only past the place it last recorded (`streams.longterm`), so a write retried
+appends an event only past the place it last recorded (`streams.longterm.store`), so a write retried
 after a timeout is not counted twice; a new lineage (after a forget, or a lost state) starts
 over. States written before `since` existed read as lineage "".
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import Sequence, TypedDict
 
-from .events import Event
+from streams.events import Event
 
 
 class ShortTermState(TypedDict):

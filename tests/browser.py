@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from streams.local import free_port
+from streams.local.stack import free_port
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streams.config import Settings
-from streams.local import LocalStack, free_port
+from streams.local.stack import LocalStack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,14 +39,15 @@ def quick_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle")
     cfg = TrainConfig(epochs=12, fusion_epochs=3, progress=False)
     build(data.synthetic(n_users=200, n_items=240, events_per_user=30, seed=1), out,
-          {"max_len": 20}, cfg, long_train=LongTermTrainConfig(max_epochs=10, progress=False))
+          {"max_len": 20}, cfg, long_train=LongTermTrainConfig(max_epochs=10, half_lives=(1e9,),
+                                                               use_text=(True,), progress=False))
     return out
 
 
 @pytest.fixture
 def redis_sync(stack):
     """A synchronous client of the test Redis."""
-    from streams.longterm import redis_client
+    from streams.longterm.store import redis_client
 
     client = redis_client(stack["redis"], None, timeout=5.0, asyncio_client=False)
     yield client

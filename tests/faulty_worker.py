@@ -2,7 +2,7 @@
 a processing fault injected by the tests from outside the product's code."""
 import sys
 
-from streams import pipeline
+from streams.worker import pipeline
 from streams.cli import main
 
 real_score = pipeline.score

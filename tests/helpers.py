@@ -7,7 +7,7 @@ import uuid
 import orjson
 
 from streams.events import Event
-from streams.kafka_clients import consumer, ensure_topics, producer
+from streams.kafka.clients import consumer, ensure_topics, producer
 
 
 def make_events(n: int, users: int = 5, items=("1", "2", "3", "4", "5", "6", "7", "8"),

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -59,7 +58,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_faust_worker_help_needs_no_broker(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     env["STATE_DIR"] = str(tmp_path)  # no local stack running there either
-    done = subprocess.run([sys.executable, "-m", "faust", "-A", "streams.app", "worker", "--help"],
+    done = subprocess.run([sys.executable, "-m", "faust", "-A", "streams.worker.pipeline", "worker", "--help"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Usage:" in done.stdout

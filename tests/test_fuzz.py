@@ -4,7 +4,8 @@ import re
 from pathlib import Path
 
 import orjson
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.events import Event, EventRules, Rejection, decode_event, parse_control
 
@@ -79,6 +80,6 @@ def test_no_pickle_or_eval_on_input_paths():
         text = path.read_text()
         assert "pickle" not in text, path
         # Python's eval/exec, called bare or through builtins; a Redis pipeline's `.eval(` runs
-        # a fixed Lua script (streams/longterm.py) and is not Python evaluation.
+        # a fixed Lua script (streams/longterm/store.py) and is not Python evaluation.
         assert not re.search(r"(?<![\w.])(eval|exec)\(|builtins\.(eval|exec)\b", text), path
         assert "SYNC_BATCH, " in text or ".eval(" not in text, path  # the only Redis EVAL

@@ -6,10 +6,10 @@ import time
 
 import pytest
 from confluent_kafka import TopicPartition
-
 from conftest import unique_settings
 from helpers import collect, make_events, send
-from streams.kafka_clients import consumer, ensure_topics, producer
+
+from streams.kafka.clients import consumer, ensure_topics, producer
 
 pytestmark = pytest.mark.integration
 

@@ -15,14 +15,14 @@ import urllib.request
 
 import orjson
 import pytest
-
 from conftest import ROOT, settings_env, unique_settings
 from helpers import collect, make_events, send
+
 from streams.bundle import load_bundle
 from streams.events import Event, forget_record, partition_for
-from streams.kafka_clients import changelog_topic, consumer, ensure_topics, producer
-from streams.local import LocalRedis
-from streams.longterm import hist_key, place_key, redis_client, vec_key
+from streams.kafka.clients import changelog_topic, consumer, ensure_topics, producer
+from streams.local.stack import LocalRedis
+from streams.longterm.store import hist_key, place_key, redis_client, vec_key
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,13 @@ from collections import Counter
 
 import orjson
 import pytest
-
 from conftest import WorkerProcess, unique_settings
 from helpers import make_events
-from streams.bundle import load_bundle
-from streams.kafka_clients import consumer, ensure_topics, producer
-from streams.local import LocalKafka, LocalRedis
 from test_recovery import assert_state_counts_each_event_once, final_states
+
+from streams.bundle import load_bundle
+from streams.kafka.clients import consumer, ensure_topics, producer
+from streams.local.stack import LocalKafka, LocalRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 KILLS = int(os.environ.get("FAULT_KILLS", "10"))
@@ -115,7 +115,7 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
         print(f"\nfaults ({guarantee}): kills={KILLS} worker_crashes={crashes} in={len(good)} valid + {len(bad_sources)} "
               f"invalid; out={len(out)} duplicated={sum(n - 1 for n in got.values())} lost={len(lost)}; "
               f"dlq={len(dlq)} (duplicated {sum(n - 1 for n in dlq_sources.values())})")
-        # issue #7: a stalled table recovery is re-read by streams.recovery_watch (reported)
+        # issue #7: a stalled table recovery is re-read by streams.worker.recovery_watch (reported)
         rereads = sum(p.read_bytes().count(b"stalled: consumer at") for p in tmp_path.glob("w*.log"))
         print(f"recovery re-reads: {rereads}")
         where = {orjson.loads(v)["event_id"]: (p, o) for err, valid, p, o, v in delivered if valid}

@@ -8,12 +8,14 @@ import uuid
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
 from conftest import unique_settings
 from helpers import make_events, send
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
 from streams.bundle import load_bundle
-from streams.kafka_clients import consumer, ensure_topics
+from streams.kafka.clients import consumer, ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import unique_settings
-from streams.kafka_clients import ensure_topics, produce, producer
-from streams.local import LocalStack
+
+from streams.kafka.clients import ensure_topics, produce, producer
+from streams.local.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def test_a_throwaway_stack_removes_its_topics_files_and_keeps_its_logs(tmp_path)
 def test_a_tail_consumer_reads_what_is_written_after_it_on_every_topic(stack):
     """The dashboard's reader: positions fixed at the ends when it is made, not after a group
     join, so the first record written afterwards on either topic is read, and nothing before."""
-    from streams.dashboard.server import tail_both_topics
+    from streams.tools.dashboard.server import tail_both_topics
 
     settings = unique_settings(stack)
     ensure_topics(settings, stack["kafka"])

@@ -5,15 +5,16 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import unique_settings
 from helpers import collect, make_events, send
+
 from streams.bundle import load_bundle
-from streams.kafka_clients import ensure_topics
-from streams.local import LocalRedis
-from streams.longterm import (DIRTY, HistoryAppend, LongTermStore, forget_user, hist_key, read_histories,
-                              read_vector, redis_client, take_dirty, write_vectors)
-from streams.refresher import LongTermRefresher
+from streams.kafka.clients import ensure_topics
+from streams.local.stack import LocalRedis
+from streams.longterm.refresher import LongTermRefresher
+from streams.longterm.store import (DIRTY, HistoryAppend, LongTermStore, forget_user, hist_key,
+                                    read_histories, read_vector, redis_client, take_dirty,
+                                    write_vectors)
 
 pytestmark = pytest.mark.integration
 
@@ -193,7 +194,7 @@ def test_appends_kept_while_redis_was_down_go_out_without_new_events(tmp_path):
     """The worker calls retry_pending on a timer: a quiet stream does not hold them back."""
     import asyncio
 
-    from streams.local import LocalRedis
+    from streams.local.stack import LocalRedis
 
     redis = LocalRedis(tmp_path / "redis")
     url = redis.start()

@@ -8,15 +8,15 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import ROOT, settings_env, unique_settings
 from helpers import collect, make_events, send
-from streams.bundle import load_bundle
-from streams.kafka_clients import ensure_topics
-from streams.local import LocalRedis, free_port
-from streams.longterm import hist_key, redis_client, vec_key
-from streams.refresher import LongTermRefresher
 from test_recovery import final_states
+
+from streams.bundle import load_bundle
+from streams.kafka.clients import ensure_topics
+from streams.local.stack import LocalRedis, free_port
+from streams.longterm.refresher import LongTermRefresher
+from streams.longterm.store import hist_key, redis_client, vec_key
 
 pytestmark = pytest.mark.integration
 
@@ -85,8 +85,8 @@ def test_redis_password_is_used_and_never_logged(stack, quick_bundle, workers, t
 
 
 def test_dashboard_off_loopback_requires_a_token(stack):
-    from streams.dashboard.server import check_binding
     from streams.errors import ConfigError
+    from streams.tools.dashboard.server import check_binding
 
     with pytest.raises(ConfigError, match="DASHBOARD_TOKEN"):
         check_binding("0.0.0.0", None)

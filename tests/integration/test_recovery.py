@@ -7,11 +7,11 @@ from collections import Counter, defaultdict
 
 import orjson
 import pytest
-
 from conftest import unique_settings
 from helpers import collect, make_events, send
+
 from streams.bundle import load_bundle
-from streams.kafka_clients import consumer, ensure_topics, producer
+from streams.kafka.clients import consumer, ensure_topics, producer
 
 pytestmark = pytest.mark.integration
 

@@ -11,19 +11,20 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import ROOT, settings_env, unique_settings
 from helpers import collect
+
 from streams.bundle import load_bundle
-from streams.kafka_clients import ensure_topics
-from streams.replay import read_recorded
+from streams.kafka.clients import ensure_topics
+from streams.tools.replay import read_recorded
 
 pytestmark = pytest.mark.integration
 
 
-def cli(settings, *args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streams", *args], env=settings_env(settings),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def cli(settings, *args, timeout=120, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams", *args],
+                          env={**settings_env(settings), **env}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def write_log(path: Path, items, n=60, users=4) -> Path:
@@ -71,7 +72,7 @@ def test_replay_worker_record_round_trip(stack, quick_bundle, workers, tmp_path)
 
 
 def test_dashboard_in_a_real_browser(stack, quick_bundle, workers, tmp_path):
-    from streams.local import free_port
+    from streams.local.stack import free_port
 
     settings = unique_settings(stack, quick_bundle, dashboard_port=free_port())
     ensure_topics(settings, stack["kafka"])
@@ -192,10 +193,10 @@ def test_demo_twice_on_one_state_waits_for_its_worker_and_republishes_nothing(
     """Two headless demos in a row on the same state: each publishes its own events only (a
     stopped worker committed what it had published), and each sends its first event once
     its worker is ready."""
-    settings = unique_settings(stack, quick_bundle, state_dir=tmp_path / "state",
-                               data_dir=tmp_path / "no-movielens")
-    runs = [cli(settings, "demo", "--events", "40", "--rate", "100", timeout=300)
-            for _ in range(2)]
+    settings = unique_settings(stack, quick_bundle, state_dir=tmp_path / "state")
+    # no MovieLens: the demo serves the quick (synthetic) bundle instead of rebuilding it
+    runs = [cli(settings, "demo", "--events", "40", "--rate", "100", timeout=300,
+                DATA_DIR=str(tmp_path / "no-movielens")) for _ in range(2)]
     for done in runs:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         lines = done.stdout.splitlines()

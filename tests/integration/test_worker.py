@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import unique_settings
 from helpers import collect, make_events, send
+
 from streams.bundle import load_bundle
-from streams.kafka_clients import ensure_topics
+from streams.kafka.clients import ensure_topics
 
 pytestmark = pytest.mark.integration
 

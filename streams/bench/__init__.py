@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m streams bench`): the harness, the passthrough baseline, the soak."""

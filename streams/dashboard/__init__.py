@@ -1,4 +1,0 @@
-"""The live dashboard: a page fed by server-sent events from `recommendations` and `events.dlq`."""
-from .server import DashboardState, create_app, run
-
-__all__ = ["DashboardState", "create_app", "run"]

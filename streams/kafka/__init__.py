@@ -1,0 +1,1 @@
+"""Kafka through confluent-kafka: admin (topics and their configs), producers, consumers."""
