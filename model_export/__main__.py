@@ -16,7 +16,7 @@ def _dataset(args):
     from . import data
 
     if args.data == "synthetic":
-        dataset = data.synthetic(seed=args.seed)
+        dataset = data.synthetic(seed=getattr(args, "seed", 0))
     else:
         dataset = data.load_any(args.data, getattr(args, "catalog", None))
     return data.k_core(dataset, args.min_user_interactions, args.min_item_interactions)
@@ -37,6 +37,7 @@ def cmd_build(args) -> int:
         long_train.max_epochs, long_train.half_lives, long_train.use_text = 2, (1e9,), (True,)
     if args.epochs is not None:
         cfg.epochs = args.epochs
+    cfg.refit = not args.no_refit
     if args.half_life is not None:
         cfg.half_life = args.half_life
     started = time.time()
@@ -52,8 +53,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import (Protocol, evaluate, lag_table, plot, print_lag_table, print_table,
-                           save)
+    from .evaluate import Protocol, evaluate, lag_table, plot, print_lag_table, print_table, save
 
     lag = args.long_term_lag if args.long_term_lag == "replay" else int(args.long_term_lag)
     protocol = Protocol(mask_history=args.mask_history, lag=lag, update=not args.no_update,
@@ -87,10 +87,13 @@ def cmd_quality(args) -> int:
 
     from .quality import quality
 
-    result = quality(args.data, args.seeds, Path(args.out), args.min_user_interactions,
-                     args.min_item_interactions)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    dataset = _dataset(args)
+    out = Path(args.out or f"artifacts/quality-{dataset.name}")
+    result = quality(dataset, args.seeds, out)
+    path = Path(args.json or f"{out}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"bundles in {out}/, results in {path}")
     for name, m in result["ndcg@10"].items():
         print(f"{name:<18} NDCG@10 {m['mean']:.4f} ± {m['std']:.4f}")
     print(f"best fused: {result['best_fused']} ({result['best_fused_gain_vs_gpt']:+.1%} vs gpt)")
@@ -112,6 +115,9 @@ def main(argv=None) -> int:
     b.add_argument("--epochs", type=int)
     b.add_argument("--quick", action="store_true", help="a few epochs: a bundle in under a minute")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-refit", action="store_true",
+                   help="serve the models the choices were made with (trained without each "
+                        "user's validation item and tail) instead of refitting on all known")
     b.add_argument("--half-life", type=float,
                    help="recency half-life (in items) of the text baseline `bert` (default 1000)")
     b.add_argument("--fusion-mode", default="fixed", choices=("fixed", "attention", "gate"),
@@ -146,10 +152,12 @@ def main(argv=None) -> int:
     bi.add_argument("--bundle", default=str(settings.bundle_dir))
     bi.set_defaults(func=cmd_bench_inference)
     q = sub.add_parser("quality", help="full builds over several seeds: NDCG@10 mean and spread")
-    q.add_argument("--data", default=str(settings.data_dir))
+    q.add_argument("--data", default=str(settings.data_dir),
+                   help="MovieLens folder, a CSV/JSONL log, or 'synthetic' (default: DATA_DIR)")
+    q.add_argument("--catalog", help="item catalog (CSV/JSONL item_id,text) for a generic log")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    q.add_argument("--out", default="artifacts/quality")
-    q.add_argument("--json", default="artifacts/quality.json")
+    q.add_argument("--out", help="bundles go here (default: artifacts/quality-DATASET)")
+    q.add_argument("--json", help="results (default: the --out folder's name + .json)")
     q.set_defaults(func=cmd_quality)
     for p in (b, e, q):
         p.add_argument("--min-user-interactions", type=int, default=0,

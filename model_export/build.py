@@ -44,6 +44,16 @@ def validation_cases(gpt, split: data.Split, row_of: dict) -> tlt.Validation:
                                 [row_of[split.valid[users[i]].item_id] for i in keep])
 
 
+def known_sequences(split: data.Split, row_of: dict) -> tuple[list[list[int]], list[list[int]]]:
+    """Each user's rows and times known when their test item comes: training split + validation."""
+    seqs, times = [], []
+    for user, history in split.train.items():
+        known = history + ([split.valid[user]] if user in split.valid else [])
+        seqs.append([row_of[it.item_id] for it in known])
+        times.append([it.ts for it in known])
+    return seqs, times
+
+
 def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
           train_cfg: train.TrainConfig | None = None, fusion_mode: str = "fixed",
           fixed_alpha: float | None = None, evaluate_after: bool = True,
@@ -61,7 +71,6 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     n_rows = len(records) + 1
     seqs = [[row_of[it.item_id] for it in s] for s in split.train.values()]
     times = [[it.ts for it in s] for s in split.train.values()]
-    popularity = np.bincount([r for s in seqs for r in s], minlength=n_rows).astype(np.float32)
 
     tokenizer, bert_model = bert.load_minilm()
     text_head = bert.TextEncoderHead(bert_model).eval()
@@ -72,6 +81,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
 
     cfg = GPTConfig(n_rows=n_rows, **(gpt_cfg or {}))
     tail = train_cfg.held_out_tail
+    # 1. choices on validation, with models fit on the training split minus each user's tail
     fit_seqs = [s[:-tail] if len(s) > 2 * tail else s for s in seqs]  # the tail: for the gate
     gpt = train.train_gpt(fit_seqs, cfg, train_cfg)
     val = validation_cases(gpt, split, row_of)
@@ -79,10 +89,21 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
                           **(long_cfg or {}))
     choice = tlt.choose_long_term(base, torch.from_numpy(text_emb), gpt, fit_seqs, val, long_train)
     long_model = choice.model
-    gate = train.train_gate(gpt.item_embeddings,
-                            *tlt.held_out_examples(gpt, long_model, seqs, times, tail), train_cfg)
     if fixed_alpha is None:
         fixed_alpha = choice.fixed_alpha
+    if train_cfg.refit:
+        # 2. what is served is trained on everything known before the test item (training
+        # split + validation item) with the choices of step 1: the models learn the newest
+        # behaviour, which the long-term tower needs most
+        seqs, times = known_sequences(split, row_of)
+        gpt = train.train_gpt(seqs, cfg, train_cfg)
+        long_model = tlt.refit_tower(choice, torch.from_numpy(text_emb), gpt.item_embeddings,
+                                     seqs, long_train)
+    # the gate learns from each user's last `tail` positions; without the refit neither model
+    # trained on them, with it both did (the gate is not the default mode)
+    gate = train.train_gate(gpt.item_embeddings,
+                            *tlt.held_out_examples(gpt, long_model, seqs, times, tail), train_cfg)
+    popularity = np.bincount([r for s in seqs for r in s], minlength=n_rows).astype(np.float32)
     # the founding article's text baselines: a projection of the pooled BERT vectors
     examples = train.fusion_examples(gpt, seqs, times, text_emb, train_cfg.half_life, HIST_LEN,
                                      held_out_tail=tail)
@@ -130,7 +151,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
                       "profile_items": 30,
                       "model": {**long_model.cfg.to_dict(),
                                 "incremental": long_model.cfg.incremental},
-                      "validation": choice.valid, "train_seconds": choice.seconds},
+                      "validation": choice.valid, "train_seconds": choice.seconds,
+                      "epochs": choice.epochs, "refit": train_cfg.refit},
         "parity": {name: "ok" for name in report},
         "skipped_input": dataset.skipped,
         "metrics": {},

@@ -97,24 +97,43 @@ def load_catalog(path: str | Path) -> dict[str, dict]:
     return items
 
 
-def load_log(path: str | Path, catalog: str | Path | None = None) -> Dataset:
-    """Generic interaction log: CSV or JSONL with user_id,item_id,timestamp[,event_type].
+# a generic log's columns, and the other names they go by (MovieLens' ratings.csv among them)
+COLUMNS = {"user_id": ("user_id", "userId", "user"), "item_id": ("item_id", "itemId", "movieId", "item"),
+           "timestamp": ("timestamp", "ts", "time")}
+LOG_FORMAT = ("CSV with a header, or JSONL: user_id,item_id,timestamp[,event_type] "
+              "(timestamp in epoch seconds or ms)")
+
+
+def _column(row: dict, name: str):
+    for alias in COLUMNS[name]:
+        if alias in row:
+            return row[alias]
+    raise KeyError(name)
+
+
+def load_log(path: str | Path, catalog: str | Path | None = None,
+             items: dict[str, dict] | None = None) -> Dataset:
+    """Generic interaction log: CSV or JSONL with user_id,item_id,timestamp[,event_type]
+    (also read under MovieLens' names userId,movieId,timestamp).
 
     Timestamps may be epoch seconds or milliseconds (values above 1e11 are read as ms).
     Items absent from the catalog (when one is given) are skipped and counted.
     """
     path = Path(path)
-    items = load_catalog(catalog) if catalog else None
+    if items is None and catalog:
+        items = load_catalog(catalog)
     interactions, skipped, seen_items = [], {}, {}
-    for row in _rows(path):
+    first_bad, header = None, None
+    for number, row in enumerate(_rows(path), start=2 if path.suffix not in JSONL else 1):
+        header = header or sorted(row)
         try:
-            user, item = str(row["user_id"]), str(row["item_id"])
-            ts = float(row.get("timestamp", row.get("ts")))
+            user, item = str(_column(row, "user_id")), str(_column(row, "item_id"))
+            ts = float(_column(row, "timestamp"))
+            if not user or not item or ts != ts or ts < 0:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             _count(skipped, "malformed_line")
-            continue
-        if not user or not item or ts != ts or ts < 0:
-            _count(skipped, "malformed_line")
+            first_bad = first_bad or (number, row)
             continue
         if items is not None and item not in items:
             _count(skipped, "unknown_item")
@@ -122,24 +141,56 @@ def load_log(path: str | Path, catalog: str | Path | None = None) -> Dataset:
         seen_items.setdefault(item, {"title": item, "text": f"item {item}"})
         interactions.append(Interaction(user, item, int(ts / 1000 if ts > 1e11 else ts),
                                         str(row.get("event_type") or "click")))
+    if not interactions and first_bad:
+        number, row = first_bad
+        raise DataError(f"{path}: no usable interactions; expected {LOG_FORMAT}, found columns "
+                        f"{header}; first bad line {number}: {dict(row)} (skipped: {skipped})")
+    if items is None:
+        log.warning("%s: no --catalog, so every item's text is its id: the text rows (bert, "
+                    "bert_text) and the long-term model's text input carry no meaning", path)
     return _finish(Dataset(path.stem, interactions, items or seen_items, skipped))
 
 
+def load_movielens_csv(path: str | Path) -> Dataset:
+    """MovieLens' current layout (ml-latest, ml-25m, ...): ratings.csv and movies.csv."""
+    path = Path(path)
+    items = {}
+    for row in _rows(path / "movies.csv"):
+        genres = [g for g in str(row.get("genres", "")).split("|") if g and g != "(no genres listed)"]
+        items[str(row["movieId"])] = {"title": str(row["title"])[:200],
+                                      "text": f"{row['title']}. {', '.join(genres)}"}
+    ds = load_log(path / "ratings.csv", items=items)
+    ds.name = path.name
+    return ds
+
+
 def load_any(path: str | Path, catalog: str | Path | None = None) -> Dataset:
-    """A MovieLens folder, or a generic log file."""
+    """A MovieLens folder (u.data + u.item, or ratings.csv + movies.csv), or a generic log."""
     path = Path(path)
     if path.is_dir():
-        return load_movielens(path)
+        if (path / "u.data").is_file():
+            return load_movielens(path)
+        if (path / "ratings.csv").is_file() and (path / "movies.csv").is_file():
+            return load_movielens_csv(path)
+        raise DataError(f"{path} holds neither MovieLens layout (u.data + u.item, or ratings.csv + "
+                        f"movies.csv); pass a log file instead: {LOG_FORMAT}, with --catalog "
+                        f"for the items' text")
     if not path.is_file():
-        raise DataError(f"{path} is neither a MovieLens folder nor a log file")
+        raise DataError(f"{path} not found: --data (or DATA_DIR) takes a MovieLens folder or a "
+                        f"log file ({LOG_FORMAT}); MovieLens files are never in git")
+    if path.name == "ratings.csv" and not catalog and (path.parent / "movies.csv").is_file():
+        return load_movielens_csv(path.parent)
     return load_log(path, catalog)
+
+
+JSONL = (".jsonl", ".json", ".ndjson")
 
 
 def _rows(path: Path):
     if not path.is_file():
         raise DataError(f"{path} not found")
     with open(path, encoding="utf-8") as handle:
-        if path.suffix in (".jsonl", ".json", ".ndjson"):
+        if path.suffix in JSONL:
             for line in handle:
                 line = line.strip()
                 if not line:

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -13,9 +12,7 @@ from .build import build
 from .train import TrainConfig
 
 
-def quality(data_path: str, seeds: list[int], out_dir: Path, min_user: int = 0,
-            min_item: int = 0) -> dict:
-    dataset = data.k_core(data.load_any(data_path), min_user, min_item)
+def quality(dataset: data.Dataset, seeds: list[int], out_dir: Path) -> dict:
     runs = {}
     for seed in seeds:
         manifest = build(dataset, out_dir / f"seed{seed}", train_cfg=TrainConfig(seed=seed, progress=False))

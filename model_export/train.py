@@ -29,6 +29,7 @@ class TrainConfig:
     fusion_epochs: int = 6
     gate_epochs: int = 20
     held_out_tail: int = 5  # last train items per user kept from the GPT for the gate
+    refit: bool = True  # serve models trained again on train + validation with the choices made
     half_life: float = 1000.0  # items; ~uniform over the whole history: measured better in fusion
     seed: int = 0
     progress: bool = True

@@ -35,7 +35,7 @@ class LongTermTrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     half_lives: tuple[float, ...] = (1e9, 50.0)  # candidates (items), picked on validation
-    use_text: tuple[bool, ...] = (True,)
+    use_text: tuple[bool, ...] = (True, False)  # text input on or off, picked on validation
     seed: int = 0
     progress: bool = True
 
@@ -107,10 +107,11 @@ def encode(model: LongTermModel, seqs: list[np.ndarray], examples: np.ndarray, l
 
 
 def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Tensor,
-                seqs: list[np.ndarray], val: Validation, tcfg: LongTermTrainConfig
+                seqs: list[np.ndarray], val: Validation | None, tcfg: LongTermTrainConfig
                 ) -> tuple[LongTermModel, float, int]:
     """Next-item training of one configuration with early stopping on validation NDCG@10 of
-    the tower alone; returns (best model, its validation NDCG@10, epochs run)."""
+    the tower alone; returns (best model, its validation NDCG@10, its epoch). Without `val`
+    (the refit on everything known) it runs `tcfg.max_epochs` and keeps the last."""
     torch.manual_seed(tcfg.seed)
     model = LongTermModel(cfg, text_emb)
     examples = train_examples(seqs)
@@ -135,6 +136,8 @@ def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Ten
             opt.step()
             bar.update(len(ex))
         bar.close()
+        if val is None:
+            continue
         score = ndcg_at_10(val.h_l(model) @ item_emb.T, val.targets, val.seen)
         log.info("long-term %s epoch %d: validation NDCG@10 %.4f", _describe(cfg), epoch, score)
         if score > best:
@@ -142,6 +145,8 @@ def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Ten
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= tcfg.patience:
             break
+    if val is None:
+        return model.eval(), float("nan"), epoch
     model.load_state_dict(best_state)
     return model.eval(), best, best_epoch
 
@@ -169,6 +174,7 @@ class LongTermChoice:
     fixed_alpha: float
     valid: dict  # validation NDCG@10 of each candidate and of the GPT alone
     seconds: float
+    epochs: int  # the chosen one's best epoch: what the refit on everything known runs
 
 
 def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
@@ -191,8 +197,18 @@ def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
             log.info("long-term %s: alone %.4f, fused %.4f at alpha %.2f (gpt %.4f)",
                      _describe(cfg), alone, fused, alpha, gpt_only)
             if best is None or fused > best[0]:
-                best = (fused, model, alpha)
-    return LongTermChoice(best[1], best[2], report, round(time.time() - started, 1))
+                best = (fused, model, alpha, epochs)
+    return LongTermChoice(best[1], best[2], report, round(time.time() - started, 1), best[3])
+
+
+def refit_tower(choice: LongTermChoice, text_emb: torch.Tensor, item_emb: torch.Tensor,
+                seqs: list[list[int]], tcfg: LongTermTrainConfig) -> LongTermModel:
+    """The chosen configuration trained again, for its chosen number of epochs, on every
+    sequence known at serving time, against the refit GPT's item embeddings."""
+    arrays = [np.asarray(s, np.int64) for s in seqs]
+    model, _, _ = train_tower(choice.model.cfg, text_emb, item_emb, arrays, None,
+                              replace(tcfg, max_epochs=choice.epochs))
+    return model
 
 
 @torch.no_grad()

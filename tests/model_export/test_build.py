@@ -1,7 +1,4 @@
 """A quick build on synthetic data: the bundle is complete and the models learned something."""
-import json
-
-import numpy as np
 import pytest
 
 from model_export import data
@@ -81,8 +78,31 @@ def test_fused_beats_both_towers_when_the_taste_lies_beyond_the_short_window(tmp
     manifest = build(ds, tmp_path / "b", {"max_len": 3},
                      TrainConfig(epochs=12, fusion_epochs=3, progress=False),
                      long_train=LongTermTrainConfig(max_epochs=10, half_lives=(1e9,),
-                                                    progress=False))
+                                                    use_text=(True,), progress=False))
     m = {name: row["ndcg@10"] for name, row in manifest["metrics"].items()}
     best = max(m[name] for name in ("fused_fixed", "fused_gate"))
     assert best > 1.03 * m["gpt"] and best > 1.5 * m["long_pooled"], m
     assert manifest["fixed_alpha"] < 1.0  # the build chose to use the long-term vector
+
+
+def test_the_served_models_are_refit_on_what_is_known_before_the_test_item(quick_bundle):
+    """The choices come from validation; the served GPT and tower learned the validation
+    items too (their epochs as chosen), never a test item."""
+    import torch
+
+    from model_export.build import known_sequences
+    from model_export.long_term import LongTermConfig, LongTermModel
+
+    long_term = load_bundle(quick_bundle).manifest["long_term"]
+    assert long_term["refit"] is True and long_term["epochs"] >= 1
+    ds = data.synthetic(n_users=200, n_items=240, events_per_user=30, seed=1)
+    split = data.leave_one_out(ds)
+    row_of = {it: i for i, it in enumerate(sorted({x.item_id for x in ds.interactions}), 1)}
+    seqs, times = known_sequences(split, row_of)
+    user = next(iter(split.valid))
+    index = list(split.train).index(user)
+    assert seqs[index][-1] == row_of[split.valid[user].item_id]
+    assert len(seqs[index]) == len(split.train[user]) + 1 == len(times[index])
+    saved = torch.load(quick_bundle / "long_term.pt")
+    model = LongTermModel(LongTermConfig(**saved["config"]), saved["state_dict"]["text_emb"])
+    model.load_state_dict(saved["state_dict"])  # the refit weights load into the served config

@@ -38,6 +38,52 @@ def test_generic_jsonl_log_with_catalog_and_bad_lines(tmp_path):
     assert ds.skipped == {"unknown_item": 1, "malformed_line": 2}
 
 
+def write_movielens_csv(folder):
+    """MovieLens' current layout, written by the test (never MovieLens data)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "movies.csv").write_text('movieId,title,genres\n1,Film One (1999),Comedy|Drama\n'
+                                       '2,"Film, Two (2001)",(no genres listed)\n')
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n"
+                                        "7,2,4.0,1000\n7,1,3.5,900\n8,1,5.0,950\n")
+    return folder
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_movielens_current_layout_is_read_from_the_folder_or_its_ratings_csv(tmp_path, as_file):
+    folder = write_movielens_csv(tmp_path / "ml-latest-small")
+    ds = data.load_any(folder / "ratings.csv" if as_file else folder)
+    assert [(i.user_id, i.item_id, i.ts) for i in ds.interactions] == [
+        ("7", "1", 900), ("7", "2", 1000), ("8", "1", 950)]
+    assert ds.items["1"]["text"] == "Film One (1999). Comedy, Drama"
+    assert ds.items["2"] == {"title": "Film, Two (2001)", "text": "Film, Two (2001). "}
+    assert ds.name == "ml-latest-small" and not ds.skipped
+
+
+def test_a_log_with_unknown_columns_names_what_was_expected_and_found(tmp_path):
+    log = tmp_path / "events.csv"
+    log.write_text("who,what,when\na,x,1\nb,y,2\n")
+    with pytest.raises(data.DataError) as err:
+        data.load_any(log)
+    message = str(err.value)
+    assert "user_id,item_id,timestamp" in message and "['what', 'when', 'who']" in message
+    assert "first bad line 2: {'who': 'a', 'what': 'x', 'when': '1'}" in message
+    assert "\n" not in message
+
+
+def test_a_folder_of_neither_movielens_layout_mentions_the_generic_format(tmp_path):
+    with pytest.raises(data.DataError, match="neither MovieLens layout.*user_id,item_id,timestamp"):
+        data.load_any(tmp_path)
+    with pytest.raises(data.DataError, match="not found: --data"):
+        data.load_any(tmp_path / "missing")
+
+
+def test_a_log_without_catalog_warns_which_rows_lose_their_meaning(tmp_path, caplog):
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\na,x,1\na,y,2\n")
+    data.load_log(log)
+    assert any("no --catalog" in r.message and "bert_text" in r.message for r in caplog.records)
+
+
 def test_duplicates_are_dropped_and_counted(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("user_id,item_id,timestamp\na,x,1\na,x,1\na,y,2\n")

@@ -2,8 +2,7 @@
 import numpy as np
 import torch
 
-from model_export.export import (export, random_padded_rows, short_term_cases, fusion_cases,
-                                 validate)
+from model_export.export import export, fusion_cases, short_term_cases, validate
 from model_export.fusion import FusionHead, InterestGate
 from model_export.gpt import GPTConfig, ItemGPT, ShortTermHead
 from streams.bundle import FUSION, SHORT_TERM
