@@ -44,11 +44,13 @@ def validation_cases(gpt, split: data.Split, row_of: dict) -> tlt.Validation:
                                 [row_of[split.valid[users[i]].item_id] for i in keep])
 
 
-def known_sequences(split: data.Split, row_of: dict) -> tuple[list[list[int]], list[list[int]]]:
-    """Each user's rows and times known when their test item comes: training split + validation."""
+def user_rows(split: data.Split, row_of: dict, with_valid: bool = False
+              ) -> tuple[list[list[int]], list[list[int]]]:
+    """Each user's rows and times of the training split, and with `with_valid` the validation
+    item after them: all that is known when the user's test item comes."""
     seqs, times = [], []
     for user, history in split.train.items():
-        known = history + ([split.valid[user]] if user in split.valid else [])
+        known = history + ([split.valid[user]] if with_valid and user in split.valid else [])
         seqs.append([row_of[it.item_id] for it in known])
         times.append([it.ts for it in known])
     return seqs, times
@@ -69,8 +71,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     records = item_records(dataset)
     row_of = {r["item_id"]: row for row, r in enumerate(records, start=1)}
     n_rows = len(records) + 1
-    seqs = [[row_of[it.item_id] for it in s] for s in split.train.values()]
-    times = [[it.ts for it in s] for s in split.train.values()]
+    seqs, times = user_rows(split, row_of)
 
     tokenizer, bert_model = bert.load_minilm()
     text_head = bert.TextEncoderHead(bert_model).eval()
@@ -95,7 +96,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         # 2. what is served is trained on everything known before the test item (training
         # split + validation item) with the choices of step 1: the models learn the newest
         # behaviour, which the long-term tower needs most
-        seqs, times = known_sequences(split, row_of)
+        seqs, times = user_rows(split, row_of, with_valid=True)
         gpt = train.train_gpt(seqs, cfg, train_cfg)
         long_model = tlt.refit_tower(choice, torch.from_numpy(text_emb), gpt.item_embeddings,
                                      seqs, long_train)

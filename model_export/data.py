@@ -100,6 +100,7 @@ def load_catalog(path: str | Path) -> dict[str, dict]:
 # a generic log's columns, and the other names they go by (MovieLens' ratings.csv among them)
 COLUMNS = {"user_id": ("user_id", "userId", "user"), "item_id": ("item_id", "itemId", "movieId", "item"),
            "timestamp": ("timestamp", "ts", "time")}
+JSONL = (".jsonl", ".json", ".ndjson")  # suffixes read as one JSON object per line
 LOG_FORMAT = ("CSV with a header, or JSONL: user_id,item_id,timestamp[,event_type] "
               "(timestamp in epoch seconds or ms)")
 
@@ -181,9 +182,6 @@ def load_any(path: str | Path, catalog: str | Path | None = None) -> Dataset:
     if path.name == "ratings.csv" and not catalog and (path.parent / "movies.csv").is_file():
         return load_movielens_csv(path.parent)
     return load_log(path, catalog)
-
-
-JSONL = (".jsonl", ".json", ".ndjson")
 
 
 def _rows(path: Path):

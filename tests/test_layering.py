@@ -27,9 +27,7 @@ SUBPACKAGES = {"kafka", "local", "longterm", "worker", "tools", "bench"}
 
 def layer_of(module: str) -> str:
     part = module.split(".")[1] if "." in module else ""
-    if part in SUBPACKAGES:
-        return part
-    if part in ("inference",):
+    if part in SUBPACKAGES or part == "inference":
         return part
     if part in ("cli", "__main__"):
         return "cli"

@@ -90,7 +90,7 @@ def test_the_served_models_are_refit_on_what_is_known_before_the_test_item(quick
     items too (their epochs as chosen), never a test item."""
     import torch
 
-    from model_export.build import known_sequences
+    from model_export.build import user_rows
     from model_export.long_term import LongTermConfig, LongTermModel
 
     long_term = load_bundle(quick_bundle).manifest["long_term"]
@@ -98,7 +98,7 @@ def test_the_served_models_are_refit_on_what_is_known_before_the_test_item(quick
     ds = data.synthetic(n_users=200, n_items=240, events_per_user=30, seed=1)
     split = data.leave_one_out(ds)
     row_of = {it: i for i, it in enumerate(sorted({x.item_id for x in ds.interactions}), 1)}
-    seqs, times = known_sequences(split, row_of)
+    seqs, times = user_rows(split, row_of, with_valid=True)
     user = next(iter(split.valid))
     index = list(split.train).index(user)
     assert seqs[index][-1] == row_of[split.valid[user].item_id]
