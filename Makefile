@@ -10,7 +10,7 @@ EVENTS ?= 0
 RATE   ?= 20
 PYTEST_ARGS ?=
 
-.PHONY: install infra browser demo test models evaluate quality bench clean
+.PHONY: install infra browser demo test models evaluate quality bench scaling clean
 
 # One resolution for everything, so click stays < 8.4 for faust-streaming; the build
 # backend's warnings are silenced (its errors still fail the install).
@@ -46,6 +46,10 @@ quality: install
 
 bench: infra
 	$(PY) -m streams bench --json artifacts/bench.json
+
+# build and evaluate time and peak RSS against data size (docs/benchmarks.md; about 40 minutes)
+scaling: install
+	$(PY) -m model_export scaling --scales 1x1 10x10 100x1 --epochs 1 --json artifacts/scaling.json --plot artifacts/scaling.png
 
 clean:
 	rm -rf .state artifacts

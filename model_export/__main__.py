@@ -19,7 +19,16 @@ def _dataset(args):
         dataset = data.synthetic(seed=getattr(args, "seed", 0))
     else:
         dataset = data.load_any(args.data, getattr(args, "catalog", None))
-    return data.k_core(dataset, args.min_user_interactions, args.min_item_interactions)
+    dataset = data.k_core(dataset, args.min_user_interactions, args.min_item_interactions)
+    unused = data.never_chosen(dataset)
+    if getattr(args, "items_in_log", False):
+        dataset = data.items_in_log(dataset)
+    elif unused:
+        logging.getLogger(__name__).warning(
+            "%s: %d of the catalog's %d items never occur in the log and are ranked all the "
+            "same; --items-in-log ranks over the %d that do", dataset.name, unused,
+            len(dataset.items), len(dataset.items) - unused)
+    return dataset
 
 
 def cmd_build(args) -> int:
@@ -44,6 +53,10 @@ def cmd_build(args) -> int:
     manifest = build(_dataset(args), Path(args.out), gpt, cfg, fusion_mode=args.fusion_mode,
                      long_cfg=long_cfg, long_train=long_train)
     print(f"bundle {manifest['version']} -> {args.out} in {time.time() - started:.1f}s")
+    items = manifest["items"]
+    print(f"ranking over {items['ranked']} items"
+          + (f", {items['never_in_log']} of them never in the log (--items-in-log leaves them out)"
+             if items["never_in_log"] else ""))
     if manifest["metrics"]:
         print_table({"dataset": manifest["dataset"], "bundle": manifest["version"],
                      "n_users": manifest["metrics"]["gpt"]["n"], "models": manifest["metrics"],
@@ -57,7 +70,8 @@ def cmd_evaluate(args) -> int:
 
     lag = args.long_term_lag if args.long_term_lag == "replay" else int(args.long_term_lag)
     protocol = Protocol(mask_history=args.mask_history, lag=lag, update=not args.no_update,
-                        refresh_s=args.refresh_s, seed=args.seed)
+                        refresh_s=args.refresh_s, seed=args.seed,
+                        text_profile_users=args.text_profile_users)
     dataset = _dataset(args)
     result = evaluate(args.bundle, dataset, fixed_alpha=args.alpha, protocol=protocol)
     print_table(result)
@@ -79,6 +93,15 @@ def cmd_bench_inference(args) -> int:
     from .bench_inference import bench_inference
 
     print(json.dumps(bench_inference(args.bundle)))
+    return 0
+
+
+def cmd_scaling(args) -> int:
+    from .scaling import scaling
+
+    scaling(args.scales, Path(args.out), Path(args.json),
+            Path(args.plot) if args.plot else None, args.full, args.epochs)
+    print(f"results in {args.json}" + (f", plot in {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -147,10 +170,23 @@ def main(argv=None) -> int:
     e.add_argument("--mask-history", default="all",
                    help="items excluded from the ranking: all (default) or window:N")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--text-profile-users", type=int, default=2000,
+                   help="score the bert_text row (a BERT pass per user) for a seeded sample "
+                        "of this many users when there are more (default 2000)")
     e.set_defaults(func=cmd_evaluate)
     bi = sub.add_parser("bench-inference", help="GPT per event: onnxruntime vs torch")
     bi.add_argument("--bundle", default=str(settings.bundle_dir))
     bi.set_defaults(func=cmd_bench_inference)
+    sc = sub.add_parser("scaling", help="build and evaluate time and peak RSS on the synthetic "
+                                        "stream at multiples of ml-100k's users and items")
+    sc.add_argument("--scales", nargs="+", default=["1x1", "10x10"],
+                    help="USERSxITEMS multiples of ml-100k (default: 1x1 10x10)")
+    sc.add_argument("--full", action="store_true", help="full builds (default: --quick's epochs)")
+    sc.add_argument("--epochs", type=int, help="the GPT's epochs in each build")
+    sc.add_argument("--out", default="artifacts/scaling", help="logs, bundles and results")
+    sc.add_argument("--json", default="artifacts/scaling.json")
+    sc.add_argument("--plot", default="artifacts/scaling.png")
+    sc.set_defaults(func=cmd_scaling)
     q = sub.add_parser("quality", help="full builds over several seeds: NDCG@10 mean and spread")
     q.add_argument("--data", default=str(settings.data_dir),
                    help="MovieLens folder, a CSV/JSONL log, or 'synthetic' (default: DATA_DIR)")
@@ -159,6 +195,9 @@ def main(argv=None) -> int:
     q.add_argument("--out", help="bundles go here (default: artifacts/quality-DATASET)")
     q.add_argument("--json", help="results (default: the --out folder's name + .json)")
     q.set_defaults(func=cmd_quality)
+    for p in (b, q):
+        p.add_argument("--items-in-log", action="store_true",
+                       help="rank over the items that occur in the log, not the whole catalog")
     for p in (b, e, q):
         p.add_argument("--min-user-interactions", type=int, default=0,
                        help="k-core: drop users with fewer interactions (iteratively)")

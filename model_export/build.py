@@ -1,6 +1,8 @@
 """Build a model bundle from an interaction log: train, export, validate, evaluate, write."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import shutil
@@ -56,6 +58,17 @@ def user_rows(split: data.Split, row_of: dict, with_valid: bool = False
     return seqs, times
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc's malloc_trim): torch frees a phase's tensors
+    into malloc's arenas, where they count in the process's RSS until the next phase's
+    allocations happen to reuse them. Elsewhere a no-op."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
           train_cfg: train.TrainConfig | None = None, fusion_mode: str = "fixed",
           fixed_alpha: float | None = None, evaluate_after: bool = True,
@@ -79,6 +92,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     with tqdm(total=len(texts), desc="BERT items", unit="item", disable=not train_cfg.progress) as bar:
         item_text = bert.encode_texts(text_head, tokenizer, texts, progress=bar)
     text_emb = np.vstack([np.zeros((1, item_text.shape[1]), np.float32), item_text])
+    release_freed_memory()  # the BERT's activations: ~300 MB the training never reuses
 
     cfg = GPTConfig(n_rows=n_rows, **(gpt_cfg or {}))
     tail = train_cfg.held_out_tail
@@ -106,8 +120,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
                             *tlt.held_out_examples(gpt, long_model, seqs, times, tail), train_cfg)
     popularity = np.bincount([r for s in seqs for r in s], minlength=n_rows).astype(np.float32)
     # the founding article's text baselines: a projection of the pooled BERT vectors
-    examples = train.fusion_examples(gpt, seqs, times, text_emb, train_cfg.half_life, HIST_LEN,
-                                     held_out_tail=tail)
+    examples = train.projection_examples(seqs, text_emb, train_cfg.half_life, cfg.max_len,
+                                         train_cfg.projection_examples, train_cfg.seed)
     proj = train.train_projection(gpt, examples, text_emb.shape[1], train_cfg)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +135,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     bad = {name: m for name, m in report.items() if m}
     if bad:
         raise BuildError(f"ONNX parity failed (max abs diff > {export.TOLERANCE}): {bad}")
+    del text_head, bert_model  # exported; the evaluation runs the ONNX graph
 
     np.save(out / FILES["long_item_in"], long_item_in.astype(np.float32))
     np.save(out / FILES["item_text_emb"], text_emb)
@@ -156,6 +171,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
                       "epochs": choice.epochs, "refit": train_cfg.refit},
         "parity": {name: "ok" for name in report},
         "skipped_input": dataset.skipped,
+        # the ranking's universe: every catalog item, chosen in the log or not
+        "items": {"ranked": n_rows - 1, "never_in_log": data.never_chosen(dataset)},
         "metrics": {},
     }
     manifest["build_seconds"] = round(time.time() - started, 1)
@@ -163,6 +180,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     if evaluate_after:
         from .evaluate import evaluate
 
+        release_freed_memory()
         metrics = evaluate(out, dataset, progress=train_cfg.progress)
         manifest["metrics"] = metrics["models"]
         manifest["paired_vs_gpt"] = metrics["paired_vs_gpt"]

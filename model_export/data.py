@@ -123,7 +123,7 @@ def load_log(path: str | Path, catalog: str | Path | None = None,
     path = Path(path)
     if items is None and catalog:
         items = load_catalog(catalog)
-    interactions, skipped, seen_items = [], {}, {}
+    interactions, skipped, seen_items, names = [], {}, {}, {}
     first_bad, header = None, None
     for number, row in enumerate(_rows(path), start=2 if path.suffix not in JSONL else 1):
         header = header or sorted(row)
@@ -140,8 +140,12 @@ def load_log(path: str | Path, catalog: str | Path | None = None,
             _count(skipped, "unknown_item")
             continue
         seen_items.setdefault(item, {"title": item, "text": f"item {item}"})
-        interactions.append(Interaction(user, item, int(ts / 1000 if ts > 1e11 else ts),
-                                        str(row.get("event_type") or "click")))
+        # one string object per distinct id: a log's ids repeat, and each row's own copy
+        # would make the loaded log several times its size on disk
+        interactions.append(Interaction(
+            names.setdefault(user, user), names.setdefault(item, item),
+            int(ts / 1000 if ts > 1e11 else ts),
+            names.setdefault(kind := str(row.get("event_type") or "click"), kind)))
     if not interactions and first_bad:
         number, row = first_bad
         raise DataError(f"{path}: no usable interactions; expected {LOG_FORMAT}, found columns "
@@ -247,6 +251,20 @@ def k_core(ds: Dataset, min_user: int = 0, min_item: int = 0) -> Dataset:
     if removed:
         skipped["k_core"] = removed
     return Dataset(ds.name, interactions, ds.items, skipped)
+
+
+def items_in_log(ds: Dataset) -> Dataset:
+    """The same log with its catalog cut to the items that occur in it: the ranking's
+    universe is the catalog, and items nobody ever chose only dilute it."""
+    occurring = {it.item_id for it in ds.interactions}
+    return Dataset(ds.name, ds.interactions, {i: v for i, v in ds.items.items() if i in occurring},
+                   dict(ds.skipped))
+
+
+def never_chosen(ds: Dataset) -> int:
+    """How many catalog items never occur in the log (candidates all the same)."""
+    occurring = {it.item_id for it in ds.interactions}
+    return sum(1 for i in ds.items if i not in occurring)
 
 
 def user_sequences(ds: Dataset) -> dict[str, list[Interaction]]:

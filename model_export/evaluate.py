@@ -7,7 +7,8 @@ Leave-one-out test split, full ranking over all items with the user's seen items
 - long_pooled / long_bert: the bundle's long-term model alone (its kind names the row);
 - fused_fixed, fused_attention, fused_gate: the three fusion modes over that model;
 - bert, bert_text: the founding article's text-only long-term vectors (pooled item
-  embeddings, a text profile), alone.
+  embeddings, a text profile), alone; bert_text over a seeded sample of users when there
+  are more than `Protocol.text_profile_users` (the BERT over each profile is the slow part).
 
 `lag`: the long-term model sees the history up to `lag` events before the target, as a
 refresh that old leaves it; with `update` the worker's per-event update adds those events
@@ -48,6 +49,9 @@ class Protocol:
     update: bool = True  # add the missing events back with the worker's update
     refresh_s: float = 30.0  # the refresh period behind lag="replay"
     seed: int = 0
+    # bert_text runs the BERT over 256 tokens per user (~40 ms each here): a seeded sample
+    # of this many users beyond it, compared with the GPT on the same users
+    text_profile_users: int = 2000
 
     def masked(self, history: list[int]) -> list[int]:
         if self.mask_history == "all":
@@ -145,7 +149,8 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
     if not cases:
         raise data.DataError(f"no test users to evaluate (skipped: {skipped})")
     lags = lags_for(cases, protocol)
-    ranks = {name: [] for name in rows}
+    profiled = profile_sample(len(cases), protocol)
+    ranks = {name: {} for name in rows}  # case index -> rank
     top = {name: [] for name in rows}
     bar = tqdm(total=len(cases), desc="evaluate", unit="user", disable=not progress)
     for start in range(0, len(cases), batch_size):
@@ -158,14 +163,23 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
         model_vecs, updates = long_inputs(lt, histories, lags[start:start + batch_size],
                                           protocol.update)
         for name in rows:
+            which = np.arange(len(batch))  # the batch's cases this row scores
             if name == "popularity":
                 scores = np.tile(rec.popularity, (len(batch), 1))
                 top_rows, _ = rec.popular(seen, K)
             else:
-                mode, a, longs, upd = _plan(name, alpha, lt, histories, model_vecs, updates)
-                out = rec.recommend(seqs, longs, dts, seen, mode, a, K, upd)
+                if name == "bert_text" and profiled is not None:
+                    which = np.array([j for j in which if start + j in profiled], dtype=np.int64)
+                    if not len(which):
+                        continue
+                pick = (lambda xs: [xs[j] for j in which]) if len(which) < len(batch) else list
+                mode, a, longs, upd = _plan(name, alpha, lt, pick(histories), pick(model_vecs),
+                                            None if updates is None else pick(updates))
+                out = rec.recommend(pick(seqs), longs, pick(dts), pick(seen), mode, a, K, upd)
                 scores, top_rows = out.fused @ item_emb.T, out.rows
-            ranks[name].extend(ranks_from_scores(scores, targets, seen).tolist())
+            for j, rank in zip(which, ranks_from_scores(scores, targets[which],
+                                                        [seen[j] for j in which]).tolist()):
+                ranks[name][start + int(j)] = rank
             top[name].extend(top_rows.tolist())
         bar.update(len(batch))
     bar.close()
@@ -176,11 +190,22 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
         "n_users": len(cases),
         "skipped": skipped,
         "protocol": {**asdict(protocol), "split": "leave-one-out", "k": K,
-                     "mean_lag": round(float(np.mean(lags)), 3), "fixed_alpha": alpha},
-        "models": {name: summarize(ranks[name], top[name], n_items, K) for name in rows},
-        "paired_vs_gpt": {name: paired_gain(ranks[name], ranks["gpt"])
+                     "mean_lag": round(float(np.mean(lags)), 3), "fixed_alpha": alpha,
+                     "users_per_row": {name: len(ranks[name]) for name in rows}},
+        "models": {name: summarize(list(ranks[name].values()), top[name], n_items, K)
+                   for name in rows},
+        # each row against the GPT on the users both were scored for
+        "paired_vs_gpt": {name: paired_gain(list(ranks[name].values()),
+                                            [ranks["gpt"][i] for i in ranks[name]])
                           for name in rows if name != "gpt" and "gpt" in rows},
     }
+
+
+def profile_sample(n_cases: int, protocol: Protocol) -> set[int] | None:
+    """The cases the text-profile row is scored for: all (None) up to the protocol's cap."""
+    if n_cases <= protocol.text_profile_users:
+        return None
+    return set(random.Random(protocol.seed).sample(range(n_cases), protocol.text_profile_users))
 
 
 def _plan(name: str, alpha: float, lt: LongTermEncoder, histories, model_vecs, updates):

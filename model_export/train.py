@@ -2,7 +2,7 @@
 
 The GPT (and the long-term model, `train_long_term`) train on each user's training sequence
 minus its last `held_out_tail` items; the text projection of the article's baselines trains
-on every position, the gate on the held-out ones.
+on every position (a sample of them in a large log), the gate on the held-out ones.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class TrainConfig:
     held_out_tail: int = 5  # last train items per user kept from the GPT for the gate
     refit: bool = True  # serve models trained again on train + validation with the choices made
     half_life: float = 1000.0  # items; ~uniform over the whole history: measured better in fusion
+    projection_examples: int = 200_000  # positions the text baseline's projection learns from
     seed: int = 0
     progress: bool = True
 
@@ -94,52 +95,39 @@ def pooled_prefixes(seq: list[int], text_emb: np.ndarray, half_life: float) -> n
 
 
 @dataclass
-class FusionExamples:
-    h_s: torch.Tensor  # (M, D)
-    pooled: torch.Tensor  # (M, E)
-    hist: torch.Tensor  # (M, N) left-padded item rows
-    dt: torch.Tensor  # (M, 1)
+class ProjectionExamples:
+    pooled: torch.Tensor  # (M, E) the pooled BERT vector of everything known before the target
     target: torch.Tensor  # (M,)
-    held_out: torch.Tensor  # (M,) bool: the GPT never trained on this target
-
-    def subset(self, mask: torch.Tensor) -> "FusionExamples":
-        return FusionExamples(*(t[mask] for t in (self.h_s, self.pooled, self.hist, self.dt,
-                                                    self.target, self.held_out)))
 
 
-@torch.no_grad()
-def fusion_examples(gpt: ItemGPT, sequences: list[list[int]], times: list[list[int]],
-                    text_emb: np.ndarray, half_life: float, hist_len: int,
-                    held_out_tail: int) -> FusionExamples:
-    """One example per (user, position >= 1): everything known after item t-1, target item t.
+def window_positions(n: int, max_len: int) -> np.ndarray:
+    """The positions t (newest known item; the target is t + 1) of a sequence of n items, in
+    the order of its GPT windows (`windows`: the newest window first)."""
+    return np.concatenate([np.arange(max(0, end - max_len - 1), end - 1)
+                           for end in range(n, 1, -max_len)] or [np.zeros(0, np.int64)])
 
-    The last `held_out_tail` targets of each sequence longer than 2*held_out_tail were kept
-    from the GPT's training, so their h_s is out-of-sample, as at serving time.
-    """
-    gpt.eval()
-    max_len = gpt.cfg.max_len
-    h_s, pooled, hist, dt, target, held = [], [], [], [], [], []
-    for seq, ts in zip(sequences, times):
-        if len(seq) < 2:
-            continue
-        prefixes = pooled_prefixes(seq, text_emb, half_life)
-        for end in range(len(seq), 1, -max_len):
-            start = max(0, end - max_len - 1)
-            w = seq[start:end - 1]  # inputs; targets are seq[start+1:end]
-            x = torch.tensor([[0] * (max_len - len(w)) + w])
-            hidden = gpt(x, (x > 0).float())[0, max_len - len(w):]  # (len(w), C)
-            for j in range(len(w)):
-                t = start + j  # newest known item index
-                h_s.append(hidden[j])
-                pooled.append(prefixes[t])
-                recent = seq[max(0, t + 1 - hist_len):t + 1]
-                hist.append([0] * (hist_len - len(recent)) + recent)
-                dt.append(np.log1p(max(ts[t] - ts[t - 1], 0)) if t > 0 else 0.0)
-                target.append(seq[t + 1])
-                held.append(len(seq) > 2 * held_out_tail and t + 1 >= len(seq) - held_out_tail)
-    return FusionExamples(
-        torch.stack(h_s), torch.from_numpy(np.stack(pooled)), torch.tensor(hist),
-        torch.tensor(dt, dtype=torch.float32)[:, None], torch.tensor(target), torch.tensor(held))
+
+def projection_examples(sequences: list[list[int]], text_emb: np.ndarray, half_life: float,
+                        max_len: int, max_examples: int, seed: int) -> ProjectionExamples:
+    """One example per (user, position >= 1), at most `max_examples` of them (a seeded sample
+    of positions beyond that: the projection has E x D weights, and the examples' memory
+    would grow with the log). Positions come in the order of the GPT's windows."""
+    counts = np.array([max(len(seq) - 1, 0) for seq in sequences], dtype=np.int64)
+    ends = np.cumsum(counts)
+    keep = np.arange(int(ends[-1]) if len(ends) else 0)
+    if len(keep) > max_examples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(keep), max_examples, replace=False))
+    owner = np.searchsorted(ends, keep, side="right")  # the user of each kept example
+    nth = keep - (ends - counts)[owner]  # its index among that user's positions
+    pooled = np.zeros((len(keep), text_emb.shape[1]), dtype=np.float32)
+    target = np.zeros(len(keep), dtype=np.int64)
+    bounds = np.flatnonzero(np.diff(owner, prepend=-1, append=len(sequences) + 1))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # the examples of one user
+        seq = sequences[int(owner[lo])]
+        t = window_positions(len(seq), max_len)[nth[lo:hi]]
+        pooled[lo:hi] = pooled_prefixes(seq, text_emb, half_life)[t]  # freed per user
+        target[lo:hi] = np.asarray(seq)[t + 1]
+    return ProjectionExamples(torch.from_numpy(pooled), torch.from_numpy(target))
 
 
 def _batches(n: int, size: int, gen: torch.Generator):
@@ -166,7 +154,7 @@ def _fit(module: torch.nn.Module, loss_of, n: int, epochs: int, batch: int, lr: 
     return module.eval()
 
 
-def train_projection(gpt: ItemGPT, ex: FusionExamples, d_text: int, cfg: TrainConfig
+def train_projection(gpt: ItemGPT, ex: ProjectionExamples, d_text: int, cfg: TrainConfig
                      ) -> LongTermProjection:
     """BERT space -> GPT item space, so that h_l alone ranks the next item (all positions)."""
     torch.manual_seed(cfg.seed)

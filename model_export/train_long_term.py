@@ -56,17 +56,28 @@ def batch_inputs(seqs: list[np.ndarray], examples: np.ndarray, window: int, lag:
 
 
 def train_examples(seqs: list[np.ndarray]) -> np.ndarray:
-    return np.array([(u, t) for u, s in enumerate(seqs) for t in range(1, len(s))], dtype=np.int64)
+    """(M, 2) every (user, target position >= 1), in user then position order."""
+    lengths = np.array([max(len(s) - 1, 0) for s in seqs], dtype=np.int64)
+    users = np.repeat(np.arange(len(seqs), dtype=np.int64), lengths)
+    starts = np.cumsum(lengths) - lengths  # each user's first example
+    positions = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths) + 1
+    return np.stack([users, positions], axis=1)
 
 
-def ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor, seen: list[np.ndarray]) -> float:
-    scores = scores.clone()
-    scores[:, 0] = NEG_INF
-    for i, rows in enumerate(seen):
-        scores[i, torch.from_numpy(rows)] = NEG_INF
-    target = scores.gather(1, targets[:, None])
-    rank = 1 + (scores > target).sum(1)
-    return float(torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), 0.0).mean())
+def ndcg_at_10(h: torch.Tensor, item_emb: torch.Tensor, targets: torch.Tensor,
+               seen: list[np.ndarray], chunk: int = 1024) -> float:
+    """Mean NDCG@10 of the users' vectors `h` (U, D) scored against every item, seen items
+    excluded; `chunk` users at a time, so that no (users x items) matrix is ever whole."""
+    gains = []
+    for start in range(0, len(h), chunk):
+        scores = h[start:start + chunk] @ item_emb.T  # (chunk, n_rows)
+        scores[:, 0] = NEG_INF
+        for i, rows in enumerate(seen[start:start + chunk]):
+            scores[i, torch.from_numpy(rows)] = NEG_INF
+        target = scores.gather(1, targets[start:start + chunk, None])
+        rank = 1 + (scores > target).sum(1)
+        gains.append(torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), 0.0))
+    return float(torch.cat(gains).mean())
 
 
 NEG_INF = -1e30
@@ -84,11 +95,8 @@ class Validation:
     @classmethod
     def build(cls, gpt: ItemGPT, seqs: list[list[int]], targets: list[int]) -> "Validation":
         arrays = [np.asarray(s, np.int64) for s in seqs]
-        with torch.no_grad():
-            rows = batch_inputs(arrays, np.array([(i, len(s)) for i, s in enumerate(arrays)]),
-                                gpt.cfg.max_len)
-            h_s = gpt(rows, (rows > 0).float(), last_only=True)[:, -1]
-        return cls(arrays, torch.tensor(targets), [np.unique(s) for s in arrays], h_s)
+        return cls(arrays, torch.tensor(targets), [np.unique(s) for s in arrays],
+                   last_h_s(gpt, arrays, np.array([(i, len(s)) for i, s in enumerate(arrays)])))
 
     def h_l(self, model: LongTermModel, lag: int = 0) -> torch.Tensor:
         ex = np.array([(i, len(s)) for i, s in enumerate(self.seqs)])
@@ -138,7 +146,7 @@ def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Ten
         bar.close()
         if val is None:
             continue
-        score = ndcg_at_10(val.h_l(model) @ item_emb.T, val.targets, val.seen)
+        score = ndcg_at_10(val.h_l(model), item_emb, val.targets, val.seen)
         log.info("long-term %s epoch %d: validation NDCG@10 %.4f", _describe(cfg), epoch, score)
         if score > best:
             best, best_epoch = score, epoch
@@ -162,7 +170,7 @@ def best_fixed_alpha(h_s: torch.Tensor, h_l: torch.Tensor, item_emb: torch.Tenso
     """The fixed mode's short-term weight with the best validation NDCG@10, and that NDCG."""
     best, best_alpha = -1.0, 1.0
     for alpha in [i / 20 for i in range(21)]:
-        score = ndcg_at_10((alpha * h_s + (1 - alpha) * h_l) @ item_emb.T, val.targets, val.seen)
+        score = ndcg_at_10(alpha * h_s + (1 - alpha) * h_l, item_emb, val.targets, val.seen)
         if score > best + 1e-9:
             best, best_alpha = score, alpha
     return best_alpha, best
@@ -185,7 +193,7 @@ def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
     started = time.time()
     item_emb = gpt.item_embeddings.detach()
     arrays = [np.asarray(s, np.int64) for s in seqs]
-    gpt_only = ndcg_at_10(val.h_s @ item_emb.T, val.targets, val.seen)
+    gpt_only = ndcg_at_10(val.h_s, item_emb, val.targets, val.seen)
     report, best = {"gpt": round(gpt_only, 4)}, None
     for half_life in tcfg.half_lives:
         for use_text in tcfg.use_text:
@@ -219,13 +227,21 @@ def held_out_examples(gpt: ItemGPT, model: LongTermModel, seqs: list[list[int]],
     arrays = [np.asarray(s, np.int64) for s in seqs]
     examples = np.array([(u, t) for u, s in enumerate(arrays) if len(s) > 2 * tail
                          for t in range(len(s) - tail, len(s))], dtype=np.int64)
-    gpt.eval()
-    h_s = []
-    for start in range(0, len(examples), 1024):
-        rows = batch_inputs(arrays, examples[start:start + 1024], gpt.cfg.max_len)
-        h_s.append(gpt(rows, (rows > 0).float(), last_only=True)[:, -1])
+    h_s = last_h_s(gpt, arrays, examples)
     h_l = encode(model, arrays, examples)
     dt = torch.tensor([[np.log1p(max(times[u][t - 1] - times[u][t - 2], 0)) if t > 1 else 0.0]
                        for u, t in examples], dtype=torch.float32)
     target = torch.from_numpy(np.array([arrays[u][t] for u, t in examples]))
-    return torch.cat(h_s), h_l, dt, target
+    return h_s, h_l, dt, target
+
+
+@torch.no_grad()
+def last_h_s(gpt: ItemGPT, seqs: list[np.ndarray], examples: np.ndarray, batch: int = 1024
+             ) -> torch.Tensor:
+    """(M, D) the GPT's short-term vector before each (user, position) example."""
+    gpt.eval()
+    out = []
+    for start in range(0, len(examples), batch):
+        rows = batch_inputs(seqs, examples[start:start + batch], gpt.cfg.max_len)
+        out.append(gpt(rows, (rows > 0).float(), last_only=True)[:, -1])
+    return torch.cat(out)

@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", default="artifacts/bench.json")
     bp.add_argument("--events", type=int, default=100_000, help="events of the throughput runs")
     bp.add_argument("--rounds", type=int, default=2,
-                    help="throughput rounds (passthrough and pipeline alternated; best of each)")
+                    help="throughput rounds (passthrough, pipeline without and with long-term vectors, alternated; best of each)")
     bp.add_argument("--rates", default="500,1000,2000", help="latency runs, events/s")
     bp.add_argument("--duration", type=float, default=60.0, help="seconds per latency run")
     bp.add_argument("--users", type=int, default=100_000, help="users of the state-size run (0: skip)")

@@ -19,8 +19,11 @@ from streams.errors import BundleError
 log = logging.getLogger(__name__)
 
 
-def make_session(path, threads: int = 1) -> ort.InferenceSession:
+def make_session(path, threads: int = 1, arena: bool = True) -> ort.InferenceSession:
+    """`arena` False: each run's buffers go back to the allocator (memory, not speed, for
+    a graph whose peak buffers are large and rarely needed)."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -74,19 +77,26 @@ class TextEncoder:
     def __init__(self, bundle: Bundle, threads: int = 1, max_tokens: int = 256):
         from tokenizers import Tokenizer
 
-        self.session = make_session(bundle.file("text_encoder"), threads)
+        # its attention buffers (batch x heads x tokens x tokens) would stay in the arena
+        self.session = make_session(bundle.file("text_encoder"), threads, arena=False)
         self.tokenizer = Tokenizer.from_file(str(bundle.file("tokenizer")))
         self.tokenizer.enable_truncation(max_tokens)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.dim = int(bundle.dims["d_text"])
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        (emb,) = self.session.run(
-            list(TEXT_ENCODER.outputs), {"input_ids": ids, "attention_mask": mask}
-        )
-        return emb
+    def encode(self, texts: Sequence[str], batch: int = 32) -> np.ndarray:
+        """`batch` texts per call: the attention's (batch, heads, tokens, tokens) tensors
+        are what onnxruntime's arena keeps at its peak, so a large batch only costs memory."""
+        out = []
+        for start in range(0, len(texts), batch):
+            encodings = self.tokenizer.encode_batch(list(texts[start:start + batch]))
+            ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            (emb,) = self.session.run(
+                list(TEXT_ENCODER.outputs), {"input_ids": ids, "attention_mask": mask}
+            )
+            out.append(emb)
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
 def recency_weights(n: int, half_life: float) -> np.ndarray:

@@ -183,10 +183,12 @@ class Bench:
             client.close()
         return len(users)
 
-    def agent_throughput(self, command: str, events: list[Event]) -> dict:
+    def agent_throughput(self, command: str, events: list[Event], long_term: bool = True) -> dict:
+        """One run of `command` over `events`; the worker's users hold long-term vectors
+        unless `long_term` is False (the arm that prices the per-event update)."""
         s = self.fresh()
         self.preload(s, events)
-        long_term_users = self.seed_long_term(s, events) if command == "worker" else 0
+        long_term_users = self.seed_long_term(s, events) if command == "worker" and long_term else 0
         proc = self.children.start(f"bench-{command}-{s.app_id}", [command], self.env(s))
         loop_cpu_s = []  # the event loop's CPU seconds at the first output and after the last
         try:
@@ -209,16 +211,19 @@ class Bench:
                 # the event loop's CPU per event: moves far less from run to run than events/s
                 "loop_us_per_event": round((loop_cpu_s[1] - loop_cpu_s[0]) * 1e6 / len(events), 1)}
 
-    def throughput_rounds(self, commands: list[str], events: list[Event], rounds: int
+    def throughput_rounds(self, arms: list[tuple[str, bool]], events: list[Event], rounds: int
                           ) -> list[dict]:
-        """Each agent's best of `rounds` runs, the agents alternated: noise only slows a run
-        (a broker still warming up its JIT and heap, a busy minute), and it hits both agents."""
-        runs = {command: [] for command in commands}
+        """Each arm's (command, with long-term vectors) best of `rounds` runs, the arms
+        alternated: noise only slows a run (a broker still warming up its JIT and heap, a busy
+        minute), and it hits every arm."""
+        runs = {arm: [] for arm in arms}
         for _ in range(max(1, rounds)):
-            for command in commands:
-                runs[command].append(self.agent_throughput(command, events))
+            for command, long_term in arms:
+                runs[(command, long_term)].append(self.agent_throughput(command, events, long_term))
         return [{**max(r, key=lambda x: x["events_per_s"]),
-                 "rounds_events_per_s": [x["events_per_s"] for x in r]} for r in runs.values()]
+                 "rounds_events_per_s": [x["events_per_s"] for x in r],
+                 "rounds_loop_us_per_event": [x["loop_us_per_event"] for x in r]}
+                for r in runs.values()]
 
     def broker_ceiling(self, events: list[Event]) -> dict:
         """Raw confluent-kafka consume -> produce, one process: what the broker allows here."""

@@ -63,15 +63,20 @@ def run_bench(settings: Settings, args) -> int:
         base = base_events(settings, bundle)
         events = stream_of(base, args.events)
         if "throughput" not in skip:
-            print(f"throughput: {len(events)} events each through passthrough and pipeline "
-                  f"({args.rounds} rounds), raw", flush=True)
-            result["passthrough"], result["pipeline"] = bench.throughput_rounds(
-                ["passthrough", "worker"], events, args.rounds)
+            print(f"throughput: {len(events)} events each through passthrough, pipeline without "
+                  f"and with long-term vectors ({args.rounds} rounds), raw", flush=True)
+            result["passthrough"], result["pipeline_short_term"], result["pipeline"] = \
+                bench.throughput_rounds([("passthrough", False), ("worker", False), ("worker", True)],
+                                        events, args.rounds)
             result["ratio"] = round(result["pipeline"]["events_per_s"] /
                                     result["passthrough"]["events_per_s"], 3)
             # the same ratio from the event loop's CPU per event (each agent's best round)
             result["loop_cpu_ratio"] = round(result["passthrough"]["loop_us_per_event"] /
                                              max(result["pipeline"]["loop_us_per_event"], 1e-9), 3)
+            # what every user holding a long-term vector (added to per event) costs the loop
+            result["long_term_loop_cost"] = round(
+                result["pipeline"]["loop_us_per_event"] /
+                max(result["pipeline_short_term"]["loop_us_per_event"], 1e-9) - 1.0, 3)
             result["broker_ceiling"] = bench.broker_ceiling(events)
             result["rss_mb"] = result["pipeline"]["rss_mb"]
         if "latency" not in skip:
@@ -121,6 +126,8 @@ def print_table(r: dict) -> None:
 
         rows += [("pipeline events/s (best; rounds)",
                   f"{r['pipeline']['events_per_s']} ({rounds(r['pipeline'])})"),
+                 ("pipeline without long-term vectors events/s (best; rounds)",
+                  f"{r['pipeline_short_term']['events_per_s']} ({rounds(r['pipeline_short_term'])})"),
                  ("passthrough events/s (best; rounds)",
                   f"{r['passthrough']['events_per_s']} ({rounds(r['passthrough'])})"),
                  ("ratio pipeline/passthrough", r["ratio"]),
@@ -131,6 +138,9 @@ def print_table(r: dict) -> None:
                  ("event-loop CPU us/event, pipeline/passthrough (ratio)",
                   f"{r['pipeline'].get('loop_us_per_event')}/"
                   f"{r['passthrough'].get('loop_us_per_event')} ({r.get('loop_cpu_ratio')})"),
+                 ("event-loop CPU us/event without long-term vectors; added by them",
+                  f"{r['pipeline_short_term'].get('loop_us_per_event')}; "
+                  f"{100 * r.get('long_term_loop_cost', 0):+.1f} %"),
                  ("pipeline peak RSS MB", r["pipeline"]["rss_mb"])]
     for rate, lat in r.get("latency", {}).items():
         if isinstance(lat, dict):

@@ -168,7 +168,7 @@ def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
          "--skip", "inference"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r = json.loads(out.read_text())
-    for agent in ("pipeline", "passthrough"):
+    for agent in ("pipeline", "pipeline_short_term", "passthrough"):
         assert r[agent]["events"] == 1000 and len(r[agent]["rounds_events_per_s"]) == 2
         assert r[agent]["events_per_s"] == max(r[agent]["rounds_events_per_s"]) > 0
         # CPU of one thread over the run's span, in 10-ms ticks: at most one core, give or take
@@ -178,6 +178,11 @@ def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
         per_event = r[agent]["loop_cores"] * r[agent]["seconds"] * 1e6 / 1000
         assert r[agent]["loop_us_per_event"] == pytest.approx(per_event, rel=0.1, abs=10)
     assert r["ratio"] == round(r["pipeline"]["events_per_s"] / r["passthrough"]["events_per_s"], 3)
+    # the arm that prices the per-event update: the same worker, no user with a vector
+    assert r["pipeline"]["long_term_users"] > 0 == r["pipeline_short_term"]["long_term_users"]
+    assert r["long_term_loop_cost"] == round(r["pipeline"]["loop_us_per_event"] /
+                                             r["pipeline_short_term"]["loop_us_per_event"] - 1, 3)
+    assert "added by them" in done.stdout
     lat = r["latency"]["200"]
     assert lat["events"] == 600 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     assert r["pipeline"]["p99_ms"] == lat["p99_ms"]

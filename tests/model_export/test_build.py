@@ -106,3 +106,24 @@ def test_the_served_models_are_refit_on_what_is_known_before_the_test_item(quick
     saved = torch.load(quick_bundle / "long_term.pt")
     model = LongTermModel(LongTermConfig(**saved["config"]), saved["state_dict"]["text_emb"])
     model.load_state_dict(saved["state_dict"])  # the refit weights load into the served config
+
+
+def test_the_text_profile_row_on_a_sample_scores_those_users_as_all_would(quick_bundle):
+    from model_export.evaluate import Protocol, profile_sample, test_cases
+
+    ds = data.synthetic(n_users=40, n_items=240, events_per_user=30, seed=4)
+    rows = ("gpt", "bert_text")
+    sampled = evaluate(quick_bundle, ds, progress=False, rows=rows,
+                       protocol=Protocol(text_profile_users=12))
+    assert sampled["protocol"]["users_per_row"] == {"gpt": 40, "bert_text": 12}
+    # the same 12 users evaluated alone: the same bert_text figures, and gpt on them is the
+    # base of the paired comparison
+    cases, _ = test_cases(load_bundle(quick_bundle), ds)
+    users = sorted(data.user_sequences(ds))
+    assert len(cases) == len(users) == 40
+    keep = {users[i] for i in profile_sample(40, Protocol(text_profile_users=12))}
+    alone_ds = data.Dataset(ds.name, [it for it in ds.interactions if it.user_id in keep], ds.items)
+    alone = evaluate(quick_bundle, alone_ds, progress=False, rows=rows)
+    assert alone["n_users"] == 12 and alone["protocol"]["users_per_row"]["bert_text"] == 12
+    assert sampled["models"]["bert_text"] == pytest.approx(alone["models"]["bert_text"], abs=1e-9)
+    assert sampled["paired_vs_gpt"]["bert_text"] == alone["paired_vs_gpt"]["bert_text"]

@@ -110,3 +110,36 @@ def test_synthetic_stream_has_planted_sessions():
             same_topic += (int(a.item_id) - int(b.item_id)) % 8 == 0
     assert same_topic / total > 0.7  # consecutive items mostly share a topic
     assert data.synthetic(seed=1).content_hash() == data.synthetic(seed=1).content_hash()
+
+
+def catalog_with_unused_items(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\na,x,1\na,y,2\nb,x,3\n")
+    catalog = tmp_path / "items.csv"
+    catalog.write_text("item_id,text\nx,Item X\ny,Item Y\nz,Item Z\nw,Item W\n")
+    return log, catalog
+
+
+def test_catalog_items_never_in_the_log_are_counted_and_can_be_left_out(tmp_path):
+    ds = data.load_log(*catalog_with_unused_items(tmp_path))
+    assert data.never_chosen(ds) == 2 and len(ds.items) == 4
+    cut = data.items_in_log(ds)
+    assert sorted(cut.items) == ["x", "y"] and cut.interactions == ds.interactions
+    assert data.never_chosen(cut) == 0 and len(ds.items) == 4  # the original is untouched
+
+
+def test_the_cli_warns_of_unused_catalog_items_and_restricts_on_request(tmp_path, caplog):
+    import argparse
+
+    from model_export.__main__ import _dataset
+
+    log, catalog = catalog_with_unused_items(tmp_path)
+    args = argparse.Namespace(data=str(log), catalog=str(catalog), min_user_interactions=0,
+                              min_item_interactions=0, items_in_log=False)
+    assert len(_dataset(args).items) == 4
+    assert any("2 of the catalog's 4 items never occur" in r.message and "--items-in-log" in r.message
+               for r in caplog.records)
+    caplog.clear()
+    args.items_in_log = True
+    assert sorted(_dataset(args).items) == ["x", "y"]
+    assert not any("never occur" in r.message for r in caplog.records)
