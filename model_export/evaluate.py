@@ -172,7 +172,8 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
                     which = np.array([j for j in which if start + j in profiled], dtype=np.int64)
                     if not len(which):
                         continue
-                pick = (lambda xs: [xs[j] for j in which]) if len(which) < len(batch) else list
+                pick = ((lambda xs: [xs[j] for j in which]) if len(which) < len(batch)
+                        else (lambda xs: xs))
                 mode, a, longs, upd = _plan(name, alpha, lt, pick(histories), pick(model_vecs),
                                             None if updates is None else pick(updates))
                 out = rec.recommend(pick(seqs), longs, pick(dts), pick(seen), mode, a, K, upd)

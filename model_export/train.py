@@ -36,12 +36,18 @@ class TrainConfig:
     progress: bool = True
 
 
+def window_bounds(n: int, max_len: int) -> list[tuple[int, int]]:
+    """(start, end) of each GPT window of a sequence of n items, the newest first: seq[start:end]
+    holds at most max_len inputs and their targets, shifted by one."""
+    return [(max(0, end - max_len - 1), end) for end in range(n, 1, -max_len)]
+
+
 def windows(sequences: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut each row sequence into left-padded (input, target) windows of at most max_len."""
     inputs, targets = [], []
     for seq in sequences:
-        for end in range(len(seq), 1, -max_len):
-            w = seq[max(0, end - max_len - 1):end]
+        for start, end in window_bounds(len(seq), max_len):
+            w = seq[start:end]
             x, y = w[:-1], w[1:]
             inputs.append([0] * (max_len - len(x)) + x)
             targets.append([0] * (max_len - len(y)) + y)
@@ -103,8 +109,8 @@ class ProjectionExamples:
 def window_positions(n: int, max_len: int) -> np.ndarray:
     """The positions t (newest known item; the target is t + 1) of a sequence of n items, in
     the order of its GPT windows (`windows`: the newest window first)."""
-    return np.concatenate([np.arange(max(0, end - max_len - 1), end - 1)
-                           for end in range(n, 1, -max_len)] or [np.zeros(0, np.int64)])
+    return np.concatenate([np.arange(start, end - 1) for start, end in window_bounds(n, max_len)]
+                          or [np.zeros(0, np.int64)])
 
 
 def projection_examples(sequences: list[list[int]], text_emb: np.ndarray, half_life: float,
