@@ -60,14 +60,17 @@ def cmd_worker(settings: Settings, args) -> int:
     """Run the Faust worker (validates the bundle and the broker first)."""
     from streams.bundle import load_bundle
 
-    load_bundle(settings.bundle_dir)  # a missing or corrupt bundle: clear error, exit 2
+    for arm in settings.arms():  # a missing or corrupt bundle: clear error, exit 2
+        load_bundle(arm.bundle_dir)
+    if not settings.arms():
+        load_bundle(settings.bundle_dir)
     from streams.kafka.clients import ensure_topics
     from streams.worker import app as app_module
 
     ensure_topics(settings, app_module.resolve_kafka(settings), state=True)
-    from streams.worker.pipeline import EXIT_CRASHED, health, runtime
+    from streams.worker.pipeline import EXIT_CRASHED, health, serving
 
-    runtime()
+    serving()
     sys.argv = _faust_argv(settings)
     try:
         app_module.app.main()
@@ -86,7 +89,8 @@ def cmd_refresher(settings: Settings, args) -> int:
     from streams.longterm.refresher import LongTermRefresher
     from streams.longterm.store import redis_client
 
-    bundle = load_bundle(settings.bundle_dir)
+    arms = settings.arms()
+    bundle = load_bundle(arms[0].bundle_dir if arms else settings.bundle_dir)
     url = resolve_redis(settings)
     if not url:
         raise InterestStreamError("no Redis: set REDIS_URL or start the local one (`python -m streams up`)")
@@ -97,12 +101,33 @@ def cmd_refresher(settings: Settings, args) -> int:
 
         start_http_server(args.metrics_port, addr=settings.web_host, registry=REGISTRY)
     client = redis_client(url, settings.redis_password, timeout=5.0, asyncio_client=False)
-    refresher = LongTermRefresher(client, bundle, construction=args.construction)
+    refresher = LongTermRefresher(client, bundle, construction=args.construction,
+                                  location=settings.bundle_dir, arms=arms, salt=settings.ab_salt)
     if args.once:
         print(f"refreshed {refresher.refresh_once()} users")
         return 0
-    refresher.run_forever(settings.long_term_refresh_s)
+    refresher.run_forever(settings.long_term_refresh_s, watch_s=settings.bundle_watch_s)
     return 0
+
+
+def cmd_models(settings: Settings, args) -> int:
+    """What each worker serves now: GET /models of each one (a JSON line per worker)."""
+    import urllib.error
+    import urllib.request
+
+    failed = 0
+    for url in args.worker or [f"http://{settings.web_host}:{settings.web_port}"]:
+        base = url if "://" in url else f"http://{url}"
+        try:
+            with urllib.request.urlopen(f"{base.rstrip('/')}/models", timeout=5) as reply:
+                answer = json.loads(reply.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            print(f"error: no worker answers at {base} ({exc}); give its WEB_HOST:WEB_PORT "
+                  "with --worker", file=sys.stderr)
+            failed += 1
+            continue
+        print(json.dumps({"worker": base, **answer}))
+    return 2 if failed else 0
 
 
 def _bootstrap(settings: Settings) -> str:
@@ -166,7 +191,12 @@ def cmd_dashboard(settings: Settings, args) -> int:
 def cmd_evaluate_stream(settings: Settings, args) -> int:
     from streams.tools.evaluate_stream import evaluate_stream
 
-    result = evaluate_stream(settings, args.data, test_share=args.test_share, limit=args.limit)
+    if args.arms:
+        from streams.arms import parse_arms
+
+        parse_arms(args.arms)  # a bad spec: one line, before anything starts
+    result = evaluate_stream(settings, args.data, test_share=args.test_share, limit=args.limit,
+                             arms=args.arms)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -235,6 +265,7 @@ COMMANDS = {
     "bench": (cmd_bench, "benchmarks: throughput vs passthrough, latency, inference, resources"),
     "forget": (cmd_forget, "erase a user's short-term state, long history and long-term vector"),
     "demo": (cmd_demo, "everything end to end: broker, Redis, models, worker, refresher, events"),
+    "models": (cmd_models, "what each running worker serves: bundle version, fusion mode, swaps"),
 }
 
 
@@ -252,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       help="override the bundle's long-term construction")
     parsers["refresher"].add_argument("--metrics-port", type=int, default=0,
                                       help="serve Prometheus /metrics on this port")
+    parsers["models"].add_argument("--worker", action="append", metavar="HOST:PORT",
+                                   help="a worker's web address (repeat for each; default: "
+                                        "WEB_HOST:WEB_PORT)")
     parsers["demo"].add_argument("--events", type=int, default=0,
                                  help="headless: send N events, wait for N outputs, exit")
     parsers["demo"].add_argument("--rate", type=float, default=20.0, help="events per second")
@@ -284,19 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", default="artifacts/bench.json")
     bp.add_argument("--events", type=int, default=100_000, help="events of the throughput runs")
     bp.add_argument("--rounds", type=int, default=2,
-                    help="throughput rounds (passthrough, pipeline without and with long-term vectors, alternated; best of each)")
+                    help="rounds of the throughput arms (passthrough, pipeline without and with long-term vectors; best of each) and of the swap arms, alternated")
     bp.add_argument("--rates", default="500,1000,2000", help="latency runs, events/s")
     bp.add_argument("--duration", type=float, default=60.0, help="seconds per latency run")
     bp.add_argument("--users", type=int, default=100_000, help="users of the state-size run (0: skip)")
     bp.add_argument("--soak", type=float, default=0, help="soak run of S seconds (0: none)")
     bp.add_argument("--soak-rate", type=float, default=1000.0)
     bp.add_argument("--skip", default="", help="comma list of phases to skip: "
-                    "throughput,latency,inference,state")
+                    "throughput,latency,swap,inference,state")
     es = parsers["evaluate-stream"]
     es.add_argument("--data", default=str(settings_default_data()), help="u.data or a log file")
     es.add_argument("--test-share", type=float, default=0.1,
                     help="the last share of events (by time) that is scored; the rest warms up")
     es.add_argument("--limit", type=int, help="replay only the first N events")
+    es.add_argument("--arms", help="A/B arms, as AB_ARMS (name[=weight]:bundle_dir[@mode],...): "
+                                   "online metrics per arm, each against the first")
     return parser
 
 

@@ -33,6 +33,13 @@ class Settings:
     redis_url: str | None = None
     #: BUNDLE_DIR: the model bundle written by `python -m model_export build`.
     bundle_dir: Path = PROJECT_ROOT / "artifacts" / "ml-100k"
+    #: BUNDLE_WATCH_S: the worker and the refresher look at BUNDLE_DIR this often and switch,
+    #: without a restart, to a bundle published there (0: only on SIGHUP)
+    bundle_watch_s: float = 5.0
+    #: AB_ARMS: serve variants to users split by a stable hash,
+    #: name[=weight]:bundle_dir[@fusion_mode],... (`streams.arms`); empty: BUNDLE_DIR for all
+    ab_arms: str = ""
+    ab_salt: str = "interest-stream"  #: AB_SALT: a new salt deals the users out afresh
     #: DATA_DIR: MovieLens-100K folder (never committed; read from here).
     data_dir: Path = field(default_factory=_default_data_dir)
     #: STATE_DIR: Faust table stores, local broker/Redis data and logs.
@@ -107,6 +114,13 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)} must be >= 1")
         self.weights()  # validates EVENT_WEIGHTS
+        self.arms()  # validates AB_ARMS
+
+    def arms(self):
+        """AB_ARMS as a tuple of `streams.arms.Arm` (empty: one model for all)."""
+        from streams.arms import parse_arms
+
+        return parse_arms(self.ab_arms)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -12,8 +12,8 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from streams.bundle import (FUSION, FUSION_MODES, LONG_TERM, LONG_TERM_HEAD, SHORT_TERM,
-                            TEXT_ENCODER, Bundle)
+from streams.bundle import (FUSION, FUSION_MODES, LONG_TERM, LONG_TERM_HEAD, MASKED_SCORE,
+                            SHORT_TERM, TEXT_ENCODER, Bundle)
 from streams.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -391,6 +391,27 @@ class Recommender:
         batch = self.fuser.run(h_s, inputs.fusion)
         batch.h_s = h_s
         return batch
+
+    def check(self, mode: str, fixed_alpha: float, k: int) -> None:
+        """One warm-up batch through every graph (with and without a long-term vector, and
+        through the per-event update when the model has one); a bundle whose graphs do not run
+        or give non-finite scores raises BundleError."""
+        rows = [[1], [1, min(2, self.bundle.items.n_rows - 1)]]
+        update = None
+        if self.updater.enabled:
+            width = self.updater.item_in.shape[1]
+            update = [None, LongTermUpdate(np.zeros(width, np.float32), 1.0, [(1, 1.0)])]
+        try:
+            batch = self.recommend(rows, [None, np.zeros(self.d_model, np.float32)], [0.0, 1.0],
+                                   None, mode, fixed_alpha, k, update)
+        except Exception as exc:
+            raise BundleError(f"bundle {self.bundle.version} does not run: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        finite = batch.scores[batch.scores > MASKED_SCORE / 2]
+        if batch.rows.shape != (2, min(k, self.bundle.items.n_rows)) or not np.all(np.isfinite(finite)) \
+                or not np.all(np.isfinite(batch.fused)):
+            raise BundleError(f"bundle {self.bundle.version} gives no finite top-{k} for a "
+                              "warm-up batch; rebuild it")
 
     def popular(self, seen: Sequence[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cold start: the most popular items the user has not seen."""

@@ -47,6 +47,26 @@ LONG_TERM_STALE = Counter("long_term_stale_total",
 REFRESH_SECONDS = Histogram("long_term_refresh_seconds", "Duration of one refresh pass",
                             registry=REGISTRY)
 
+BUNDLE_SWAPS = Counter("bundle_swaps_total", "Bundles switched to without a restart",
+                       registry=REGISTRY)
+BUNDLE_REFUSED = Counter("bundle_refused_total",
+                         "Published bundles refused by their checks (the loaded one kept serving)",
+                         registry=REGISTRY)
+ITEMS_NOT_IN_CATALOG = Counter("state_items_not_in_catalog_total",
+                               "Recent items of a user's state left out of scoring because the "
+                               "loaded bundle's catalog has no such item", registry=REGISTRY)
+
+# With A/B arms: prequential metrics per arm (was the event's item in the list published after
+# the user's previous event?). HR = hits / scored; NDCG's mean and variance from its sums.
+ONLINE_SCORED = Counter("online_scored_total", "Events scored against the user's previous list",
+                        ["arm"], registry=REGISTRY)
+ONLINE_HITS = Counter("online_hits_total", "Scored events whose item was in the previous top-K",
+                      ["arm"], registry=REGISTRY)
+ONLINE_NDCG = Counter("online_ndcg_sum_total", "Sum of the scored events' NDCG@K", ["arm"],
+                      registry=REGISTRY)
+ONLINE_NDCG_SQ = Counter("online_ndcg_squares_total", "Sum of the squared NDCG@K", ["arm"],
+                         registry=REGISTRY)
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)

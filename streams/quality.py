@@ -46,3 +46,24 @@ def summarize(ranks: Sequence[int], recommended: Iterable[Iterable], n_items: in
         f"coverage@{k}": coverage(recommended, n_items),
         "n": len(ranks),
     }
+
+
+def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
+    """Mean and its normal-approximation 95 % interval: (mean, low, high)."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half
+
+
+def difference_ci(a: Sequence[float], b: Sequence[float], z: float = 1.96
+                  ) -> tuple[float, float, float]:
+    """mean(b) - mean(a) and its 95 % interval for independent samples (Welch's normal
+    approximation): significant when the interval excludes 0."""
+    ma, la, ha = mean_ci(a, z)
+    mb, lb, hb = mean_ci(b, z)
+    half = math.hypot((ha - la) / 2, (hb - lb) / 2)
+    return mb - ma, mb - ma - half, mb - ma + half

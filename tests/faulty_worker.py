@@ -8,10 +8,10 @@ from streams.cli import main
 real_score = pipeline.score
 
 
-def score(prepared, rt):
+def score(prepared):
     if any(p.event.event_id.startswith("poison") for p in prepared.pending):
         raise RuntimeError("injected fault")
-    return real_score(prepared, rt)
+    return real_score(prepared)
 
 
 pipeline.score = score

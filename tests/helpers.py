@@ -29,9 +29,10 @@ def send(settings, events=(), raw=()) -> None:
 
 
 def collect(settings, topic: str, count: int, timeout: float = 60.0, settle: float = 0.0,
-            until_ids: set | None = None) -> list[dict]:
+            until_ids: set | None = None, where: bool = False) -> list[dict]:
     """Read `topic` from the beginning until `count` records, or with `until_ids` until a record
-    for each of those event ids (duplicates do not count towards them); then `settle` seconds."""
+    for each of those event ids (duplicates do not count towards them); then `settle` seconds.
+    With `where`, each record also holds its "_partition" and "_offset"."""
     ensure_topics(settings, settings.kafka_bootstrap_servers)
     cons = consumer(settings, settings.kafka_bootstrap_servers, f"collect-{uuid.uuid4().hex[:8]}")
     cons.subscribe([topic])
@@ -42,6 +43,8 @@ def collect(settings, topic: str, count: int, timeout: float = 60.0, settle: flo
             msg = cons.poll(0.2)
             if msg is not None and not msg.error():
                 out.append(orjson.loads(msg.value()))
+                if where:
+                    out[-1].update(_partition=msg.partition(), _offset=msg.offset())
                 if until_ids is not None:
                     missing.discard(out[-1].get("event_id"))
             done = not missing if until_ids is not None else len(out) >= count

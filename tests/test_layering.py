@@ -12,7 +12,7 @@ ROOT = Path(streams.__file__).parent
 
 # layer -> the layers its modules may import (a layer may always import itself)
 ALLOWED = {
-    "contracts": set(),  # config, errors, events, state, bundle, quality, metrics
+    "contracts": set(),  # config, errors, events, state, bundle, bundle_watch, arms, quality, metrics
     "inference": {"contracts"},
     "kafka": {"contracts"},
     "local": {"contracts"},

@@ -23,3 +23,16 @@ def test_rank_of_excludes_and_counts_ties_against():
 
 def test_empty_inputs_are_zero():
     assert hit_rate([]) == ndcg([]) == mrr([]) == 0.0
+
+
+def test_mean_ci_and_difference_ci_follow_the_normal_approximation():
+    import math
+
+    from streams.quality import difference_ci, mean_ci
+
+    values = [0.0, 1.0] * 50  # mean 0.5, sample sd ~0.5025
+    mean, low, high = mean_ci(values)
+    assert mean == 0.5
+    assert high - mean == pytest.approx(1.96 * math.sqrt(0.25 * 100 / 99 / 100))
+    diff, low, high = difference_ci(values, [1.0] * 100)  # b has no spread
+    assert diff == 0.5 and low > 0 and high == pytest.approx(0.5 + (mean_ci(values)[2] - 0.5))

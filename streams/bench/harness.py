@@ -12,6 +12,7 @@ measures, on fresh topics each time:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import random
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from streams.bundle import load_bundle
+from streams.bundle import MANIFEST, load_bundle
+from streams.bundle_watch import publish
 from streams.config import Settings
 from streams.errors import InfraError
 from streams.events import Event
@@ -280,6 +282,48 @@ class Bench:
             self.children.procs.clear()
         return results
 
+    def swap_latency(self, events: list[Event], rate: int, duration_s: float, rounds: int) -> dict:
+        """Latency at `rate` over minutes with and without a bundle swap in their middle,
+        alternated on one worker: the swap's cost is the difference of their p99."""
+        s = self.fresh()
+        ensure_topics(s, self.kafka)
+        location = publish_copies(s.bundle_dir, Path(s.state_dir) / "bench" / f"swap-{s.app_id}")
+        copies = [location.with_name("a"), location.with_name("b")]
+        env = dict(self.env(s), BUNDLE_DIR=str(location), BUNDLE_WATCH_S="0.5")
+        proc = self.children.start(f"bench-swap-{s.app_id}", ["worker"], env)
+        prod = producer(s, self.kafka, **{"linger.ms": 0})
+        n, arms = int(rate * duration_s), {"steady": [], "swap": []}
+        warm = 200 + int(rate * min(duration_s, 60.0))
+        try:
+            # a minute at the rate, not counted: on a broker started just before, the first
+            # minute at 1,000 events/s had a p99 of 2-4 s (docs/benchmarks.md)
+            self._paced_send(prod, s, events[:200], 200)
+            self._paced_send(prod, s, events[200:warm], rate)
+            self.drain(s, events[:warm], proc)
+            offset = warm
+            for i in range(2 * rounds):
+                arm = ("steady", "swap")[i % 2]
+                batch, offset = events[offset:offset + n], offset + n
+                cons = self.reader(s)
+                sender = threading.Thread(target=self._paced_send, args=(prod, s, batch, rate),
+                                          daemon=True)
+                sender.start()
+                if arm == "swap":  # the other copy, half-way through the minute
+                    timer = threading.Timer(duration_s / 2, publish, (location, copies[(i // 2 + 1) % 2]))
+                    timer.start()
+                out = self.drain(s, batch, proc, cons=cons)
+                sender.join()
+                lat = np.array([arrival - event_ts for _, event_ts, arrival in out], dtype=np.float64)
+                arms[arm].append({f"p{q}_ms": round(float(np.percentile(lat, q)), 1)
+                                  for q in (50, 99)} | {"max_ms": float(lat.max())})
+            swaps = worker_models(int(env["WEB_PORT"]))["arms"][""]["swaps"]  # each swap arm's swap done?
+        finally:
+            self.children.stop()
+            self.children.procs.clear()
+        typical = {arm: float(np.median([r["p99_ms"] for r in runs])) for arm, runs in arms.items()}
+        return {"rate": rate, "duration_s": duration_s, **arms, "swaps": swaps,
+                "p99_added_ms": round(typical["swap"] - typical["steady"], 1)}
+
     @staticmethod
     def _paced_send(prod, s: Settings, events: list[Event], rate: float) -> None:
         start = time.monotonic()
@@ -299,3 +343,25 @@ class Bench:
         result = self.agent_throughput("worker", events)
         return {"users": users, "events": len(events), "rss_mb": result["rss_mb"],
                 "events_per_s": result["events_per_s"]}
+
+
+def worker_models(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=5) as reply:
+        return json.loads(reply.read())
+
+
+def publish_copies(bundle: Path, root: Path) -> Path:
+    """Two bundles a and b that differ only in their version (their files link to `bundle`'s),
+    and the location `current`, pointing at a."""
+    manifest = json.loads((Path(bundle) / MANIFEST).read_text())
+    for name in ("a", "b"):
+        copy = root / name
+        copy.mkdir(parents=True, exist_ok=True)
+        for f in Path(bundle).iterdir():
+            if f.name != MANIFEST and not (copy / f.name).exists():
+                (copy / f.name).symlink_to(f.resolve())
+        (copy / MANIFEST).write_text(json.dumps(dict(manifest, version=f"{manifest['version']}-{name}")))
+    publish(root / "current", root / "a")
+    return root / "current"

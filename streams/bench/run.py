@@ -87,6 +87,12 @@ def run_bench(settings: Settings, args) -> int:
             if "pipeline" in result:
                 lat = result["latency"].get("1000") or next(iter(result["latency"].values()))
                 result["pipeline"].update(p50_ms=lat["p50_ms"], p99_ms=lat["p99_ms"])
+        if "swap" not in skip:
+            print(f"swap: 1000 events/s, {args.duration:.0f} s without and with a bundle swap "
+                  f"in the middle, alternated ({args.rounds} rounds, after a warm-up)", flush=True)
+            result["swap"] = bench.swap_latency(
+                stream_of(base, 2000 * args.rounds * int(args.duration) + 60_200), 1000,
+                args.duration, args.rounds)
         if "inference" not in skip:
             print("inference: onnxruntime vs torch; long-term refresh", flush=True)
             result["inference"] = inference_bench(settings)
@@ -146,6 +152,12 @@ def print_table(r: dict) -> None:
         if isinstance(lat, dict):
             rows.append((f"latency @{rate}/s p50/p95/p99/max ms",
                          f"{lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']}/{lat['max_ms']:.0f}"))
+    if "swap" in r:
+        sw = r["swap"]
+        rows.append((f"p99 ms @{sw['rate']}/s per round, steady / with a bundle swap",
+                     " ".join(f"{a['p99_ms']:.0f}/{b['p99_ms']:.0f}"
+                              for a, b in zip(sw["steady"], sw["swap"]))
+                     + f" (median added: {sw['p99_added_ms']:+.1f})"))
     for key, value in r.get("inference", {}).items():
         if isinstance(value, dict):
             rows.append((f"inference {key}", ", ".join(f"{k}={v}" for k, v in value.items())))

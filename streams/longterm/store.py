@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from itertools import chain
-from typing import Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -114,6 +114,7 @@ class LongTermVector:
     pooled: np.ndarray | None = None  # an incremental model's weighted mean, and its weight
     weight: float = 0.0
     place: tuple[str, int] | None = None  # (lineage, position) of the newest event it covers
+    model: str | None = None  # the bundle version that wrote it
 
     def age_s(self, now_ms: int) -> float:
         return max(0.0, (now_ms - self.ts_ms) / 1000.0)
@@ -129,10 +130,11 @@ def parse_vector(fields: Sequence, model: str, d_model: int) -> LongTermVector |
     arr = np.frombuffer(vec, dtype=np.float32)
     if arr.shape != (d_model,):
         return None
+    owner = None if owner is None else owner.decode()
     if pooled is None or weight is None or since is None or pos is None:
-        return LongTermVector(arr, int(version), int(ts))
+        return LongTermVector(arr, int(version), int(ts), model=owner)
     return LongTermVector(arr, int(version), int(ts), np.frombuffer(pooled, dtype=np.float32),
-                          float(weight), (since.decode(), int(pos)))
+                          float(weight), (since.decode(), int(pos)), owner)
 
 
 def redis_client(url: str, password: str | None, timeout: float, asyncio_client: bool = True):
@@ -150,7 +152,7 @@ class LongTermStore:
     def __init__(self, client, model: str, d_model: int, history_cap: int,
                  timeout_s: float, retry_s: float):
         self.client = client
-        self.model, self.d_model = model, d_model
+        self.use_model(model, d_model)
         self.history_cap = history_cap
         self.timeout_s, self.retry_s = timeout_s, retry_s
         self.pending: deque[HistoryAppend] = deque(maxlen=PENDING_CAP)
@@ -159,15 +161,22 @@ class LongTermStore:
         self.pending_forgets: set[str] = set()  # erasures to redo when Redis is back
         self._lock = asyncio.Lock()
 
+    def use_model(self, model: str, d_model: int) -> None:
+        """Read only vectors written by bundle `model` from now on (a swap's switch point)."""
+        self.model, self.d_model = model, d_model
+
     async def retry_pending(self) -> None:
         """Write what waits for a Redis that was down, without waiting for the next batch
         (called periodically: a quiet stream would otherwise keep it until more events)."""
         if not self.up and (self.pending or self.pending_forgets):
             await self.sync_batch((), ())
 
-    async def sync_batch(self, appends: Iterable[HistoryAppend], users: Sequence[str]
+    async def sync_batch(self, appends: Iterable[HistoryAppend], users: Sequence[str],
+                         models: Sequence[tuple[str, int]] | None = None
                          ) -> dict[str, LongTermVector] | None:
-        """Append events to the histories, mark those users dirty, read the users' vectors.
+        """Append events to the histories, mark those users dirty, read the users' vectors:
+        each only if written by the bundle `models` gives for it, (version, d_model) per user
+        (default: the store's own).
 
         Returns None when Redis is unavailable (the caller publishes degraded output).
         """
@@ -175,9 +184,9 @@ class LongTermStore:
         if time.monotonic() < self.down_until:
             return None
         async with self._lock:  # one round trip at a time: each pops what it sent
-            return await self._sync(users)
+            return await self._sync(users, models)
 
-    async def _sync(self, users: Sequence[str]) -> dict[str, LongTermVector] | None:
+    async def _sync(self, users: Sequence[str], models=None) -> dict[str, LongTermVector] | None:
         batch_appends = list(self.pending)
         forgets = list(self.pending_forgets)
         pipe = self.client.pipeline(transaction=False)
@@ -199,8 +208,9 @@ class LongTermStore:
         if not self.up:
             log.info("Redis is back; long-term vectors restored")
         self.up = True
-        return {user: v for user, fields in zip(users, vectors)
-                if (v := parse_vector(fields, self.model, self.d_model)) is not None}
+        models = models or [(self.model, self.d_model)] * len(users)
+        return {user: v for user, fields, (model, d) in zip(users, vectors, models)
+                if (v := parse_vector(fields, model, d)) is not None}
 
     async def forget(self, user: str) -> None:
         """Erase the user's history, vector and dirty mark (and appends still pending)."""
@@ -294,6 +304,27 @@ def write_vectors(client, users: Sequence[str], vectors: np.ndarray, model: str,
 
 def read_vector(client, user: str, model: str, d_model: int) -> LongTermVector | None:
     return parse_vector(client.hmget(vec_key(user), *VECTOR_FIELDS), model, d_model)
+
+
+def queue_reencoding(client, model_of: Callable[[str], str], chunk: int = 1000) -> int:
+    """Mark dirty every user whose vector was written by another bundle than `model_of(user)`
+    (after the refresher switched bundles), so that the refresh passes re-encode them;
+    returns how many."""
+    queued, keys = 0, []
+    for key in chain(client.scan_iter(match=f"{PREFIX}lt:*", count=chunk), [None]):
+        if key is not None:
+            keys.append(key)
+        if keys and (key is None or len(keys) >= chunk):
+            pipe = client.pipeline(transaction=False)
+            for k in keys:
+                pipe.hget(k, "model")
+            owners = pipe.execute()
+            users = [u for u, owner in zip((k.decode()[len(vec_key("")):] for k in keys), owners)
+                     if owner is None or owner.decode() != model_of(u)]
+            if users:
+                client.sadd(DIRTY, *users)
+            queued, keys = queued + len(users), []
+    return queued
 
 
 def forget_user(client, user: str) -> int:

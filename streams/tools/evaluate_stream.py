@@ -24,18 +24,23 @@ from streams.local.endpoints import given_or_local
 from streams.local.stack import LocalStack, free_port
 from streams.quality import hit_rate, ndcg
 from streams.tools.demo import Children
-from streams.tools.online import PrequentialEvaluator
+from streams.tools.online import PrequentialEvaluator, arm_report
 from streams.tools.replay import read_recorded
 
 
 def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: int | None = None,
-                    timeout_s: float = 120.0) -> dict:
-    bundle = load_bundle(settings.bundle_dir)
+                    timeout_s: float = 120.0, arms: str | None = None) -> dict:
+    """With `arms` (AB_ARMS' format; default: the setting), users are split between the arms
+    and each arm's online metrics are reported with intervals and against the first arm."""
     tag = uuid.uuid4().hex[:6]
     settings = dataclasses.replace(settings, topic_events=f"eval-events-{tag}",
                                    topic_recommendations=f"eval-recs-{tag}",
                                    topic_dlq=f"eval-dlq-{tag}", topic_control=f"eval-ctl-{tag}",
-                                   app_id=f"eval-{tag}")
+                                   app_id=f"eval-{tag}",
+                                   ab_arms=settings.ab_arms if arms is None else arms)
+    variants = {a.name: load_bundle(a.bundle_dir) for a in settings.arms()} or \
+        {"": load_bundle(settings.bundle_dir)}
+    bundle = next(iter(variants.values()))
     stack = LocalStack(settings.state_dir / f"eval-{tag}")
     children = Children(settings.state_dir / "logs")
     try:
@@ -47,19 +52,21 @@ def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: in
                    TOPIC_RECOMMENDATIONS=settings.topic_recommendations,
                    TOPIC_DLQ=settings.topic_dlq, TOPIC_CONTROL=settings.topic_control,
                    APP_ID=settings.app_id, LONG_TERM_REFRESH_S="2",
-                   MAX_FUTURE_SKEW_S=str(10**9))
+                   MAX_FUTURE_SKEW_S=str(10**9), AB_ARMS=settings.ab_arms,
+                   AB_SALT=settings.ab_salt)
         children.start(f"eval-worker-{tag}", ["worker"], env)
         children.start(f"eval-refresher-{tag}", ["refresher"], env)
         events = list(read_recorded(data, limit))
         test_ids = {e.event_id for e in events[int(len(events) * (1 - test_share)):]}
         started = time.monotonic()
-        ranks = _run(settings, kafka, events, test_ids, children, timeout_s)
+        scored = _run(settings, kafka, events, test_ids, children, timeout_s)
+        ranks = [rank for _, _, rank in scored]
         elapsed = time.monotonic() - started
     finally:
         children.stop()
         stack.stop(discard_data=True)
     offline = bundle.manifest.get("metrics", {})
-    return {
+    result = {
         "bundle": bundle.version,
         "events": len(events), "test_events": len(test_ids), "scored": len(ranks),
         "events_per_s": round(len(events) / elapsed, 1),
@@ -67,9 +74,15 @@ def evaluate_stream(settings: Settings, data, test_share: float = 0.1, limit: in
         "offline": {name: {"hr@10": round(m["hr@10"], 4), "ndcg@10": round(m["ndcg@10"], 4)}
                     for name, m in offline.items()},
     }
+    if settings.arms():
+        result["arms"] = arm_report(scored, 10, control=settings.arms()[0].name)
+        for arm, b in variants.items():
+            result["arms"][arm]["bundle"] = b.version
+    return result
 
 
-def _run(settings, kafka, events, test_ids, children, timeout_s) -> list[int]:
+def _run(settings, kafka, events, test_ids, children, timeout_s) -> list[tuple[str, str, int]]:
+    """(arm, user, rank) of each test event (arm "" without arms)."""
     cons = consumer(settings, kafka, f"eval-reader-{uuid.uuid4().hex[:6]}")
     cons.subscribe([settings.topic_recommendations])
     prod = producer(settings, kafka)
@@ -91,7 +104,7 @@ def _run(settings, kafka, events, test_ids, children, timeout_s) -> list[int]:
             last_progress = time.monotonic()
             rank = evaluator.update(rec)
             if rank is not None and rec["event_id"] in test_ids:
-                ranks.append(rank)
+                ranks.append((rec.get("arm") or "", rec["user_id"], rank))
     finally:
         cons.close()
     return ranks

@@ -5,8 +5,8 @@ One micro-batch (bounded by BATCH_SIZE and BATCH_WITHIN_S):
      reason and original bytes;
   2. update each user's short-term state in the table (redeliveries change nothing);
   3. one pipelined Redis round trip: append histories, mark dirty, read long-term vectors;
-  4. one GPT call and one fusion call for the whole batch, in the inference thread, while
-     the event loop already prepares the next batch (steps 1-3);
+  4. one GPT call and one fusion call for the whole batch (per A/B arm in it), in the
+     inference thread, while the event loop already prepares the next batch (steps 1-3);
   5. one recommendation per valid event on `recommendations`, in input order.
 
 Control records (privacy erasures) come from the control topic, in the same stream: a batch is
@@ -22,8 +22,7 @@ import os
 import signal
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
@@ -32,65 +31,25 @@ import orjson
 from faust.streams import _current_event
 
 from streams import metrics
-from streams.bundle import MASKED_SCORE, Bundle, load_bundle
-from streams.config import Settings
-from streams.events import (Event, EventRules, Forget, Rejection, check_routing, decode_event,
+from streams.bundle import MASKED_SCORE
+from streams.events import (Event, Forget, Rejection, check_routing, decode_event,
                             dlq_headers, dlq_key, dlq_record, parse_control, partition_for)
-from streams.inference import LongTermUpdate, RecommendationBatch, Recommender, ScoringInputs
-from streams.local.endpoints import resolve_redis
-from streams.longterm.store import (HistoryAppend, LongTermStore, LongTermVector, history_entry,
-                                    redis_client)
+from streams.inference import LongTermUpdate, RecommendationBatch, ScoringInputs
+from streams.longterm.store import HistoryAppend, LongTermVector, history_entry
 from streams.state import history_place, last_event_ts, recent_items, update_short_term
 from streams.worker.app import (app, control_topic, dlq_topic, input_topics, recommendations_topic,
                                 send_raw, settings, settle_heap, short_term_table)
 from streams.worker.committer import Committer
 from streams.worker.health import Health
+from streams.worker.online_arms import ArmOnlineMetrics
 from streams.worker.recovery_watch import RecoveryWatch
+from streams.worker.serving import Runtime, Serving
 from streams.worker.state_table import StateTable
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Runtime:
-    """What the agent needs besides Kafka: the bundle, the models and the Redis store."""
-
-    settings: Settings
-    bundle: Bundle
-    recommender: Recommender
-    rules: EventRules
-    store: LongTermStore | None
-    fusion_mode: str
-    fixed_alpha: float
-    weights: dict[str, float]
-    # One thread for onnxruntime: it overlaps the event loop's work on the second core.
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
-
-    @classmethod
-    def load(cls, settings: Settings) -> "Runtime":
-        bundle = load_bundle(settings.bundle_dir)
-        # known_items: the dict itself, whose `in` is one C call (the index's is a Python one)
-        rules = EventRules(event_types=frozenset(settings.weights()),
-                           known_items=bundle.items.row_of,
-                           max_payload_bytes=settings.max_payload_bytes,
-                           max_future_skew_ms=int(settings.max_future_skew_s * 1000))
-        url = resolve_redis(settings)
-        store = None
-        if url:
-            store = LongTermStore(redis_client(url, settings.redis_password, settings.redis_timeout_s),
-                                  bundle.version, int(bundle.dims["d_model"]),
-                                  settings.long_history_cap, settings.redis_timeout_s,
-                                  settings.redis_retry_s)
-        else:
-            log.warning("no Redis configured (REDIS_URL): short-term recommendations only")
-        mode = settings.fusion_mode or bundle.manifest.get("default_fusion_mode", "fixed")
-        alpha = settings.fusion_alpha
-        alpha = float(bundle.manifest.get("fixed_alpha", 0.5)) if alpha is None else alpha
-        return cls(settings, bundle, Recommender(bundle), rules, store, mode, alpha,
-                   settings.weights())
-
-
-_runtime: Runtime | None = None
+_serving: Serving | None = None
 # At-least-once: input offsets are committed from what was processed and delivered.
 committer = Committer(app, settings) if settings.processing_guarantee == "at_least_once" else None
 if committer is not None:
@@ -100,6 +59,7 @@ if committer is not None:
 state_table = StateTable(short_term_table,
                          send=None if committer is None else partial(send_raw, app))
 health = Health()
+online = ArmOnlineMetrics(settings.top_k)  # with arms: each arm's online HR and NDCG
 # Crashed: the worker leaves its group this long after /healthz started failing.
 CRASH_EXIT_DELAY_S = 1.0
 EXIT_CRASHED = 70  # EX_SOFTWARE: `python -m streams worker`'s exit code after a crash
@@ -133,11 +93,22 @@ def delivered_by(faust_event, *futures) -> None:
         committer.sent(faust_event, futures)
 
 
+def serving() -> Serving:
+    global _serving
+    if _serving is None:
+        _serving = Serving(settings).load()
+    return _serving
+
+
 def runtime() -> Runtime:
-    global _runtime
-    if _runtime is None:
-        _runtime = Runtime.load(settings)
-    return _runtime
+    """The first runtime: the store, the settings and the inference thread all share."""
+    return serving().primary
+
+
+def switch_to_published_bundle() -> None:
+    """Between two batches: serve a newly published bundle once it is loaded and checked (per
+    arm). The batch in flight keeps the runtime it was prepared with."""
+    serving().switch_to_published()
 
 
 @dataclass
@@ -153,13 +124,14 @@ class Pending:
     items: Sequence[Sequence]  # the state's recent (item_id, ts, event_type), oldest first
 
 
-def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pending], dict]:
+def apply_state(valid: list[tuple[object, Event]], runtime_of) -> tuple[list[Pending], dict]:
     """Update each user's state for each valid event, in order; returns what to score and, per
-    user whose state changed, (the event that last changed it, the new state)."""
-    row_of = rt.bundle.items.row_of
+    user whose state changed, (the event that last changed it, the new state). `runtime_of`
+    gives the user's runtime, whose catalog maps the state's items to rows."""
     out, changed = [], {}
     for faust_event, event in valid:
         user = event.user_id
+        row_of = runtime_of(user).bundle.items.row_of
         state = changed[user][1] if user in changed else state_table.get(user)
         previous_ts = last_event_ts(state)
         new_state, is_new = update_short_term(state, event, settings.short_term_len,
@@ -170,6 +142,7 @@ def apply_state(valid: list[tuple[object, Event]], rt: Runtime) -> tuple[list[Pe
             metrics.DUPLICATES.inc()
         rows = list(map(row_of.get, recent_items(new_state)))
         if not all(rows):  # None: an item the bundle's catalog does not have (rows are >= 1)
+            metrics.ITEMS_NOT_IN_CATALOG.inc(rows.count(None))
             rows = [r for r in rows if r]
         dt = (event.ts - previous_ts) / 1000.0 if previous_ts is not None else 0.0
         out.append(Pending(faust_event, event, rows, max(dt, 0.0), is_new,
@@ -204,7 +177,7 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     Rows the fusion masked (the user's recent items, padding) are left out: they come back only
     when fewer than k items are unseen, so a list may then be shorter than k."""
     ids, titles = rt.bundle.items.ids_by_row, rt.bundle.items.titles_by_row  # once a batch
-    version, mode = rt.bundle.version, rt.fusion_mode
+    version, mode, arm = rt.bundle.version, rt.fusion_mode, rt.arm or None
     unranked = MASKED_SCORE / 2  # below it: a masked row
     interests = np.round(batch.fused.astype(np.float32, copy=False), 5)  # (B, D), C-contiguous
     raw = batch.scores.astype(np.float64)
@@ -229,7 +202,8 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
             "interest": interest,
             "alpha": alpha,
             "fusion_mode": mode,
-            "long_term": None if lt is None else {"version": lt.version,
+            "arm": arm,
+            "long_term": None if lt is None else {"version": lt.version, "model": lt.model,
                                                   "age_s": round(lt.age_s(now_ms), 3)},
             "degraded": degraded,
             "model_version": version,
@@ -239,6 +213,24 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     return out
 
 
+def render_segment(prepared: Prepared, batches: list[RecommendationBatch], now_ms: int
+                   ) -> list[bytes]:
+    """Each group's messages, put back in the segment's order; with arms, each group's
+    online metrics are counted too."""
+    if len(prepared.groups) == 1 and not prepared.groups[0].rt.arm:
+        return render_outputs(prepared.pending, batches[0], prepared.groups[0].rt,
+                              prepared.long_vecs, prepared.degraded, now_ms)
+    values: list = [None] * len(prepared.pending)
+    for g, batch in zip(prepared.groups, batches):
+        group = [prepared.pending[i] for i in g.at]
+        rendered = render_outputs(group, batch, g.rt, prepared.long_vecs, prepared.degraded,
+                                  now_ms)
+        for i, value in zip(g.at, rendered):
+            values[i] = value
+        online.observe(g.rt.arm, group, batch, g.rt.bundle.items.ids_by_row)
+    return values
+
+
 @dataclass
 class Prepared:
     """A segment after validation, state updates and the Redis round trip: ready to score."""
@@ -246,7 +238,17 @@ class Prepared:
     pending: list[Pending]
     long_vecs: dict
     degraded: bool
-    inputs: ScoringInputs  # built on the loop: the inference thread only runs onnxruntime
+    groups: list[ScoringGroup]  # one per arm in the segment (one without arms)
+
+
+@dataclass
+class ScoringGroup:
+    """A segment's events of one runtime: it scores and renders them, even if a swap came in
+    between. The inputs are built on the loop: the inference thread only runs onnxruntime."""
+
+    rt: Runtime
+    at: list[int]  # their places in the segment
+    inputs: ScoringInputs
 
 
 class BatchPipeline:
@@ -315,8 +317,8 @@ class BatchPipeline:
             return
         scoring = None
         if prepared is not None:  # None: dead letters only, nothing to score
-            rt = runtime()
-            scoring = asyncio.get_running_loop().run_in_executor(rt.executor, score, prepared, rt)
+            scoring = asyncio.get_running_loop().run_in_executor(runtime().executor, score,
+                                                                 prepared)
         previous = self.in_flight
         self.in_flight = asyncio.ensure_future(
             self._publish_after(previous, events, prepared, scoring))
@@ -374,15 +376,13 @@ class BatchPipeline:
     async def process_alone(self, fe) -> None:
         prepared = await prepare_segment([fe])
         if prepared is not None:
-            rt = runtime()
-            batch = await asyncio.get_running_loop().run_in_executor(rt.executor, score,
-                                                                     prepared, rt)
+            batch = await asyncio.get_running_loop().run_in_executor(runtime().executor,
+                                                                     score, prepared)
             await self._publish(prepared, batch)
 
-    async def _publish(self, prepared: Prepared, batch: RecommendationBatch) -> None:
+    async def _publish(self, prepared: Prepared, batches: list[RecommendationBatch]) -> None:
         pending = prepared.pending
-        values = render_outputs(pending, batch, runtime(), prepared.long_vecs,
-                                prepared.degraded, int(time.time() * 1000))
+        values = render_segment(prepared, batches, int(time.time() * 1000))
         for p, value in zip(pending, values):
             delivered_by(p.faust_event, await send_output(
                 recommendations_topic, p.faust_event, p.event.user_id.encode(), value))
@@ -449,11 +449,12 @@ async def forget_user_state(faust_event, forget: Forget) -> None:
 
 async def prepare_segment(events: Sequence) -> Prepared | None:
     """Validate (bad records to the DLQ), update state, one Redis round trip, the models' inputs."""
-    rt = runtime()
+    srv = serving()
+    rt = srv.primary  # the store and the settings: shared by every arm
     now_ms = int(time.time() * 1000)
-    valid, partitions = [], settings.partitions
+    valid, partitions, rules = [], settings.partitions, srv.rules
     for fe in events:
-        result = decode_event(fe.value, rt.rules, now_ms)
+        result = decode_event(fe.value, rules, now_ms)
         if isinstance(result, Event):
             msg = fe.message
             misrouted = check_routing(result, msg.key, msg.partition, partitions)
@@ -464,7 +465,8 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         await dead_letter(fe, result, now_ms)
     if not valid:
         return None
-    pending, changed = apply_state(valid, rt)
+    runtime_of = _memo(srv.runtime_of) if srv.arms else (lambda user: rt)
+    pending, changed = apply_state(valid, runtime_of)
     # One changelog record per user and batch: the last state is all a restore needs.
     for user, (faust_event, state) in changed.items():
         await state_table.put(faust_event, user, state)
@@ -475,11 +477,41 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         long_vecs = await rt.store.sync_batch(
             [HistoryAppend(p.event.user_id,
                            history_entry(p.event.item_id, rt.weights[p.event.event_type]),
-                           *p.place) for p in pending if p.is_new], users)
+                           *p.place) for p in pending if p.is_new], users,
+            [vector_model(runtime_of(user)) for user in users])
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
     long_vecs = long_vecs or {}
+    at_of: dict[str, list[int]] = {}
+    for i, p in enumerate(pending):
+        at_of.setdefault(runtime_of(p.event.user_id).arm, []).append(i)
+    groups = [scoring_group(srv.runtimes[arm] if srv.arms else rt,
+                            [pending[i] for i in at], at, long_vecs)
+              for arm, at in at_of.items()]
+    return Prepared(pending, long_vecs, degraded, groups)
+
+
+def _memo(runtime_of):
+    """runtime_of with one hash per user and segment, not one per use."""
+    known: dict = {}
+
+    def cached(user: str) -> Runtime:
+        rt = known.get(user)
+        if rt is None:
+            rt = known[user] = runtime_of(user)
+        return rt
+
+    return cached
+
+
+def vector_model(rt: Runtime) -> tuple[str, int]:
+    """Which Redis vectors `rt` may use: those its bundle wrote, of its width."""
+    return rt.bundle.version, int(rt.bundle.dims["d_model"])
+
+
+def scoring_group(rt: Runtime, pending: list[Pending], at: list[int], long_vecs: dict
+                  ) -> ScoringGroup:
     vecs = [long_vecs.get(p.event.user_id) for p in pending]
     updates = None
     if rt.recommender.updater.enabled:
@@ -488,20 +520,20 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
         [p.rows for p in pending], [None if lt is None else lt.vec for lt in vecs],
         [p.dt_s for p in pending], None,  # seen: the recent rows themselves, padded once
         rt.fusion_mode, rt.fixed_alpha, rt.settings.top_k, updates)
-    return Prepared(pending, long_vecs, degraded, inputs)
+    return ScoringGroup(rt, at, inputs)
 
 
-def score(prepared: Prepared, rt: Runtime) -> RecommendationBatch:
-    """The GPT and the fusion for a whole segment (runs in the inference thread)."""
+def score(prepared: Prepared) -> list[RecommendationBatch]:
+    """The GPT and the fusion for a whole segment, per group (runs in the inference thread)."""
     started = time.perf_counter()
-    batch = rt.recommender.score(prepared.inputs)
+    batch = [g.rt.recommender.score(g.inputs) for g in prepared.groups]
     metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
     return batch
 
 
 @app.agent(input_topics, name="recommend")
 async def recommend(stream):
-    runtime()  # `python -m streams worker` has loaded it; freeze it with the rest
+    serving()  # `python -m streams worker` has loaded it; freeze it with the rest
     settle_heap()
     # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
     global active_pipeline
@@ -512,6 +544,7 @@ async def recommend(stream):
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             if committer is not None:
                 events = committer.fresh(events)
+            switch_to_published_bundle()
             await pipeline.submit(events)
     except Exception as exc:
         crashed(exc)
@@ -553,9 +586,27 @@ def crashed(exc: BaseException) -> None:
 async def retry_redis():
     """History appends and erasures kept while Redis was down go out once it is back, even if
     no event comes to carry them."""
-    rt = _runtime
+    rt = _serving.primary if _serving is not None else None
     if rt is not None and rt.store is not None:
         await rt.store.retry_pending()
+
+
+def look_for_published_bundle() -> None:
+    if _serving is not None:  # before the first load, the location's bundle is the one loading
+        _serving.look_for_published()
+
+
+if settings.bundle_watch_s > 0:
+    @app.timer(settings.bundle_watch_s)
+    async def watch_bundle_location():
+        """A bundle published at BUNDLE_DIR is loaded beside the running one, then swapped in."""
+        look_for_published_bundle()
+
+
+@app.task
+async def reload_bundle_on_sighup():
+    """SIGHUP: look at BUNDLE_DIR now (without it, SIGHUP would end the worker)."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, look_for_published_bundle)
 
 
 @app.timer(1.0)
@@ -607,12 +658,20 @@ def ready() -> bool:
 
 @app.page("/healthz")
 async def health_page(web_view, request):
-    rt = _runtime
+    rt = _serving.primary if _serving is not None else None
     ok = rt is not None and health.ok
     return web_view.json({"ok": ok, "ready": ok and ready(), "agent": health.describe(),
                           "redis_up": bool(rt and rt.store and rt.store.up),
                           "model_version": rt.bundle.version if rt else None},
                          status=200 if ok else 503)
+
+
+@app.page("/models")
+async def models_page(web_view, request):
+    """What this worker serves: per arm ("" without arms) its bundle, fusion mode and swap."""
+    srv = _serving
+    return web_view.json({"salt": settings.ab_salt if srv and srv.arms else None,
+                          "arms": srv.describe() if srv else {}})
 
 
 @app.timer(5.0)

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+import numpy as np
 import pytest
 from conftest import ROOT, settings_env, unique_settings
 from helpers import collect
@@ -187,6 +188,11 @@ def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
     assert lat["events"] == 600 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     assert r["pipeline"]["p99_ms"] == lat["p99_ms"]
     assert r["state"]["users"] == 300 and r["rss_mb"] > 0
+    swap = r["swap"]  # per round a minute (here 3 s) without, then one with a swap in its middle
+    assert swap["swaps"] == 2 and len(swap["steady"]) == len(swap["swap"]) == 2
+    assert swap["p99_added_ms"] == round(float(np.median([x["p99_ms"] for x in swap["swap"]])) -
+                                         float(np.median([x["p99_ms"] for x in swap["steady"]])), 1)
+    assert "with a bundle swap" in done.stdout
     assert "ratio pipeline/passthrough" in done.stdout and "latency @200/s" in done.stdout
     assert "event-loop thread cores" in done.stdout and "event-loop CPU us/event" in done.stdout
     assert r["loop_cpu_ratio"] == round(r["passthrough"]["loop_us_per_event"]
@@ -211,3 +217,26 @@ def test_demo_twice_on_one_state_waits_for_its_worker_and_republishes_nothing(
         assert "published 40 recommendations for 40 events" in done.stdout
     out = collect(settings, settings.topic_recommendations, 80, settle=3.0)
     assert len(out) == 80  # 40 per run: nothing of the first run was published again
+
+
+def test_evaluate_stream_reports_each_arm_against_the_first(stack, quick_bundle, tmp_path):
+    from test_bundle_swap import copy_bundle
+
+    a = copy_bundle(quick_bundle, tmp_path / "a", "eval-A")
+    b = copy_bundle(quick_bundle, tmp_path / "b", "eval-B")
+    settings = unique_settings(stack, quick_bundle)
+    log = write_log(tmp_path / "log.jsonl", load_bundle(quick_bundle).items.item_ids[:30], n=400,
+                    users=40)
+    done = cli(settings, "evaluate-stream", "--data", str(log), "--test-share", "0.5",
+               "--arms", f"control:{a},treatment:{b}@gate", timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    arms = result["arms"]
+    assert set(arms) == {"control", "treatment"}
+    assert (arms["control"]["bundle"], arms["treatment"]["bundle"]) == ("eval-A", "eval-B")
+    assert arms["control"]["users"] + arms["treatment"]["users"] == 40
+    assert arms["control"]["events"] + arms["treatment"]["events"] == result["scored"]
+    versus = arms["treatment"]["ndcg@10"]["vs_control"]
+    low, high = versus["ci95"]
+    assert low <= versus["difference"] <= high and versus["significant"] == (low > 0 or high < 0)
+    assert "vs_control" not in arms["control"]["hr@10"]

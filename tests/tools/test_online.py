@@ -42,3 +42,38 @@ def test_dashboard_latency_is_recent_old_events_count_as_late_and_series_step():
     assert snap["series"][-1]["lag"] == 7 and snap["series"][-1]["p50"] == 20.0
     assert snap["latest"][-1]["item_title"] == "Title One"  # from the bundle's catalog
     assert snap["latest"][0]["item_title"] == "Two"  # learned from a recommendation
+
+
+def test_arm_report_gives_each_arm_intervals_over_users_and_a_difference_against_control():
+    from streams.tools.online import arm_report
+
+    # control: 40 users, each hit at rank 1 half of the time; treatment: 40 users always hit
+    scored = [("control", f"c{u}", 1 if e % 2 else 11) for u in range(40) for e in range(4)]
+    scored += [("treatment", f"t{u}", 1) for u in range(40) for e in range(4)]
+    report = arm_report(scored, 10, control="control")
+    assert report["control"]["users"] == 40 and report["control"]["events"] == 160
+    assert report["control"]["hr@10"]["mean"] == 0.5
+    assert report["treatment"]["hr@10"]["mean"] == 1.0
+    versus = report["treatment"]["hr@10"]["vs_control"]
+    assert versus["difference"] == 0.5 and versus["significant"]
+    # the same arm against itself: no significant difference
+    same = arm_report([(arm, f"{arm}{u}", 1 if (u + e) % 2 else 11)
+                       for arm in ("a", "b") for u in range(40) for e in range(3)], 10)
+    assert not same["b"]["ndcg@10"]["vs_a"]["significant"]
+
+
+def test_dashboard_reports_each_arm_when_outputs_carry_one():
+    from streams.tools.dashboard.server import DashboardState
+
+    state = DashboardState()
+    assert state.snapshot()["arms"] == {}  # no arms: nothing to show
+    for n in range(6):  # two users, one per arm; every next item was in the previous list
+        for user, arm in (("u1", "control"), ("u2", "treatment")):
+            state.on_recommendation({
+                "event_id": f"{user}-{n}", "user_id": user, "item_id": f"i{n}", "arm": arm,
+                "items": [{"item_id": f"i{n + 1}", "score": 1.0}], "alpha": 1.0,
+                "long_term": None, "event_ts": 1, "emitted_ts": 2})
+    arms = state.snapshot()["arms"]
+    assert set(arms) == {"control", "treatment"} and arms["treatment"]["events"] == 5
+    assert arms["control"]["hr@10"]["mean"] == 1.0
+    assert arms["treatment"]["ndcg@10"]["vs_control"]["difference"] == 0.0

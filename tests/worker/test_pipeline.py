@@ -48,9 +48,9 @@ def log(monkeypatch):
         if not valid:
             return None  # dead letters only
         return pipeline.Prepared([SimpleNamespace(faust_event=fe, event=SimpleNamespace(
-            user_id=f"u{fe.message.offset}")) for fe in valid], {}, False, None)
+            user_id=f"u{fe.message.offset}")) for fe in valid], {}, False, [])
 
-    def score(prepared, rt):
+    def score(prepared):
         time.sleep(0.05)  # the inference thread is slower than the loop
         return prepared
 
@@ -69,8 +69,8 @@ def log(monkeypatch):
     monkeypatch.setattr(pipeline, "prepare_segment", prepare)
     monkeypatch.setattr(pipeline, "score", score)
     monkeypatch.setattr(pipeline, "runtime", lambda: runtime)
-    monkeypatch.setattr(pipeline, "render_outputs", lambda pending, *a: [
-        p.faust_event.message.offset for p in pending])
+    monkeypatch.setattr(pipeline, "render_segment", lambda prepared, *a: [
+        p.faust_event.message.offset for p in prepared.pending])
     monkeypatch.setattr(pipeline, "send_output", send_output)
     monkeypatch.setattr(pipeline, "dead_letter", dead_letter)
     monkeypatch.setattr(pipeline, "apply_control", apply_control)
@@ -189,7 +189,7 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
     item_emb = np.zeros((4, 3), np.float32)
     item_emb[3] = [1.0, 0.0, 0.0]  # h_s . e = h_s[0] for row 3
     rt = SimpleNamespace(bundle=SimpleNamespace(items=items, version="v1"), fusion_mode="fixed",
-                         recommender=SimpleNamespace(item_emb=item_emb))
+                         recommender=SimpleNamespace(item_emb=item_emb), arm="")
     batch = RecommendationBatch(
         fused=np.array([[0.078979995, -5.8632998, 1.0], [2.5, -0.0000004, 123.456789]],
                        dtype=np.float32),
@@ -224,8 +224,17 @@ def test_apply_state_maps_recent_items_to_rows_and_skips_items_the_catalog_lost(
     rt = SimpleNamespace(bundle=SimpleNamespace(items=SimpleNamespace(row_of={"7": 1, "9": 2})))
     events = [Event("new", "u1", "7", "click", 4500), Event("old", "u1", "9", "click", 3000),
               Event("first", "u2", "9", "view", 10)]
-    pending, changed = pipeline.apply_state([(f"fe{i}", e) for i, e in enumerate(events)], rt)
+    from streams import metrics
+
+    def skipped_so_far():
+        return metrics.REGISTRY.get_sample_value("state_items_not_in_catalog_total")
+
+    skipped = skipped_so_far()
+    pending, changed = pipeline.apply_state([(f"fe{i}", e) for i, e in enumerate(events)],
+                                            lambda user: rt)
     assert [p.rows for p in pending] == [[1, 2, 1], [1, 2, 1], [2]]  # "gone" has no row
+    assert skipped_so_far() - skipped == 2  # counted each time it is left out
+    assert [it[0] for it in pending[0].items] == ["7", "gone", "9", "7"]  # kept in the state
     assert [p.is_new for p in pending] == [True, False, True]  # "old" is a redelivery
     assert [p.dt_s for p in pending] == [1.5, 0.0, 0.0]
     assert {user: fe for user, (fe, _) in changed.items()} == {"u1": "fe0", "u2": "fe2"}

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from streams.config import Settings
 from streams.errors import ConfigError
-from streams.tools.online import PrequentialEvaluator
+from streams.tools.online import PrequentialEvaluator, arm_report
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -76,6 +76,7 @@ class DashboardState:
         self.latest: deque[dict] = deque(maxlen=latest)
         self.dlq: Counter = Counter()
         self.online = PrequentialEvaluator(k=10)
+        self.arm_ranks: deque[tuple[str, str, int]] = deque(maxlen=window * 10)  # with A/B arms
         self.modes: Counter = Counter()
         self.buckets: deque[Bucket] = deque(maxlen=HISTORY_S // BUCKET_S)
         self.titles: dict = dict(titles or {})  # item_id -> title (the bundle's, and seen ones)
@@ -109,6 +110,8 @@ class DashboardState:
             if rank is not None:
                 bucket.scored += 1
                 bucket.hits += rank <= self.online.k
+                if rec.get("arm"):
+                    self.arm_ranks.append((rec["arm"], rec["user_id"], rank))
             for item in rec["items"]:
                 if item.get("title"):
                     self.titles.setdefault(item["item_id"], item["title"])
@@ -151,6 +154,8 @@ class DashboardState:
                               if self.lt_missing else None, "age_s": percentiles(self.lt_ages)},
                 "dlq": dict(self.dlq),
                 "online": self.online.summary(),
+                # per A/B arm over the last scored events, each against the first arm seen
+                "arms": arm_report(list(self.arm_ranks), self.online.k),
                 "consumer_lag": self.lag,
                 "series": [b.point() for b in self.buckets if b.start >= now - HISTORY_S],
                 "latest": list(self.latest),
