@@ -2,7 +2,7 @@
 
 A bundle is published by building it into a directory of its own and pointing the location
 (BUNDLE_DIR, usually a `current` symlink) at it in one rename, so that a reader never sees a
-half-written bundle (README "Model lifecycle"). The watcher compares what the location names
+half-written bundle (`publish`; docs/operations.md). The watcher compares what the location names
 now (the directory it resolves to and its manifest's version) with what is loaded. A
 candidate that failed its checks is not tried again until its manifest changes, so a broken
 bundle costs one load, not one per check.

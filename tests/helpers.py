@@ -1,11 +1,15 @@
 """Test helpers over real Kafka: produce events, collect what comes out."""
 from __future__ import annotations
 
+import json
+import shutil
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 
+from streams.bundle import MANIFEST
 from streams.events import Event
 from streams.kafka.clients import consumer, ensure_topics, producer
 
@@ -56,3 +60,15 @@ def collect(settings, topic: str, count: int, timeout: float = 60.0, settle: flo
         cons.close()
     return out
 
+
+def copy_bundle(src: Path, dst: Path, version: str, corrupt: str | None = None) -> Path:
+    """A copy of `src` published as `version`; with `corrupt`, that file no longer matches its
+    checksum."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["version"] = version
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    if corrupt:
+        with open(dst / corrupt, "ab") as f:
+            f.write(b"\0")
+    return dst

@@ -152,7 +152,7 @@ class LongTermStore:
     def __init__(self, client, model: str, d_model: int, history_cap: int,
                  timeout_s: float, retry_s: float):
         self.client = client
-        self.use_model(model, d_model)
+        self.model, self.d_model = model, d_model  # whose vectors to read, unless told per user
         self.history_cap = history_cap
         self.timeout_s, self.retry_s = timeout_s, retry_s
         self.pending: deque[HistoryAppend] = deque(maxlen=PENDING_CAP)
@@ -160,10 +160,6 @@ class LongTermStore:
         self.up = True
         self.pending_forgets: set[str] = set()  # erasures to redo when Redis is back
         self._lock = asyncio.Lock()
-
-    def use_model(self, model: str, d_model: int) -> None:
-        """Read only vectors written by bundle `model` from now on (a swap's switch point)."""
-        self.model, self.d_model = model, d_model
 
     async def retry_pending(self) -> None:
         """Write what waits for a Redis that was down, without waiting for the next batch

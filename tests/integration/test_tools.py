@@ -13,7 +13,7 @@ import orjson
 import numpy as np
 import pytest
 from conftest import ROOT, settings_env, unique_settings
-from helpers import collect
+from helpers import collect, copy_bundle
 
 from streams.bundle import load_bundle
 from streams.kafka.clients import ensure_topics
@@ -220,8 +220,7 @@ def test_demo_twice_on_one_state_waits_for_its_worker_and_republishes_nothing(
 
 
 def test_evaluate_stream_reports_each_arm_against_the_first(stack, quick_bundle, tmp_path):
-    from test_bundle_swap import copy_bundle
-
+    
     a = copy_bundle(quick_bundle, tmp_path / "a", "eval-A")
     b = copy_bundle(quick_bundle, tmp_path / "b", "eval-B")
     settings = unique_settings(stack, quick_bundle)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,32 +10,18 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, settings_env, unique_settings
-from helpers import collect, make_events, send
+from helpers import collect, copy_bundle, make_events, send
 
-from streams.bundle import MANIFEST, load_bundle
+from streams.bundle import load_bundle
 from streams.bundle_watch import publish
 from streams.kafka.clients import ensure_topics
 from streams.longterm.refresher import LongTermRefresher
 from streams.longterm.store import queue_reencoding, take_dirty, write_vectors
 
 pytestmark = pytest.mark.integration
-
-
-def copy_bundle(src: Path, dst: Path, version: str, corrupt: str | None = None) -> Path:
-    """A copy of `src` published as `version`; with `corrupt`, that file no longer matches its
-    checksum."""
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / MANIFEST).read_text())
-    manifest["version"] = version
-    (dst / MANIFEST).write_text(json.dumps(manifest))
-    if corrupt:
-        with open(dst / corrupt, "ab") as f:
-            f.write(b"\0")
-    return dst
 
 
 def models(port: int) -> dict:

@@ -9,9 +9,8 @@ import urllib.request
 
 import pytest
 from conftest import unique_settings
-from helpers import collect, make_events, send
+from helpers import collect, copy_bundle, make_events, send
 from prometheus_client.parser import text_string_to_metric_families
-from test_bundle_swap import copy_bundle
 
 from streams.arms import arm_of
 from streams.bundle import load_bundle
