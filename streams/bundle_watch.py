@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from streams import metrics
 from streams.bundle import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,16 @@ class BundleWatcher:
         return ref
 
     def accept(self, ref: BundleRef) -> None:
+        """`ref` is served from now on."""
+        log.info("swapped bundle %s -> %s", self.loaded.version if self.loaded else "?",
+                 ref.version)
         self.loaded, self.refused, self.refusal = ref, None, None
+        metrics.BUNDLE_SWAPS.inc()
 
     def refuse(self, ref: BundleRef, reason: str) -> None:
+        """`ref` failed its checks: not offered again until its manifest changes."""
         self.refused, self.refusal = ref, reason
+        metrics.BUNDLE_REFUSED.inc()
         log.error("bundle %s refused, %s keeps serving: %s", ref.describe(),
                   self.loaded.version if self.loaded else "the loaded one", reason)
 

@@ -60,10 +60,9 @@ def cmd_worker(settings: Settings, args) -> int:
     """Run the Faust worker (validates the bundle and the broker first)."""
     from streams.bundle import load_bundle
 
-    for arm in settings.arms():  # a missing or corrupt bundle: clear error, exit 2
-        load_bundle(arm.bundle_dir)
-    if not settings.arms():
-        load_bundle(settings.bundle_dir)
+    # a missing or corrupt bundle: clear error, exit 2
+    for bundle_dir in [a.bundle_dir for a in settings.arms()] or [settings.bundle_dir]:
+        load_bundle(bundle_dir)
     from streams.kafka.clients import ensure_topics
     from streams.worker import app as app_module
 

@@ -92,13 +92,10 @@ class LongTermRefresher:
             if not np.all(np.isfinite(self._vectors(encoder, [[1]], [[1.0]])[0])):
                 raise BundleError("the long-term model gives non-finite vectors")
         except Exception as exc:
-            metrics.BUNDLE_REFUSED.inc()
             variant.watcher.refuse(ref, f"{type(exc).__name__}: {exc}")
             return False
-        log.info("swapped bundle %s -> %s", variant.bundle.version, bundle.version)
         variant.bundle, variant.encoder = bundle, encoder
         variant.watcher.accept(ref)
-        metrics.BUNDLE_SWAPS.inc()
         return True
 
     def refresh_once(self) -> int:

@@ -125,12 +125,12 @@ def parse_vector(fields: Sequence, model: str, d_model: int) -> LongTermVector |
     vec, version, ts, owner, pooled, weight, since, pos = (*fields, None, None, None, None)[:8]
     if vec is None or version is None or ts is None:
         return None
-    if owner is not None and owner.decode() != model:
+    owner = None if owner is None else owner.decode()
+    if owner is not None and owner != model:
         return None  # written by another bundle: a different projection, unusable here
     arr = np.frombuffer(vec, dtype=np.float32)
     if arr.shape != (d_model,):
         return None
-    owner = None if owner is None else owner.decode()
     if pooled is None or weight is None or since is None or pos is None:
         return LongTermVector(arr, int(version), int(ts), model=owner)
     return LongTermVector(arr, int(version), int(ts), np.frombuffer(pooled, dtype=np.float32),

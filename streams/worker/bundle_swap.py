@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Generic, TypeVar
 
-from streams import metrics
 from streams.bundle_watch import BundleRef, BundleWatcher
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,6 @@ class BundleSwap(Generic[R]):
         try:
             runtime = future.result()
         except Exception as exc:  # BundleError, ONNX errors, anything: the old one keeps serving
-            metrics.BUNDLE_REFUSED.inc()
             self.watcher.refuse(ref, f"{type(exc).__name__}: {exc}")
             return
         self.ready = (ref, runtime)
@@ -66,12 +64,9 @@ class BundleSwap(Generic[R]):
         if self.ready is None:
             return None
         (ref, runtime), self.ready = self.ready, None
-        previous = self.watcher.loaded
         self.watcher.accept(ref)
         self.swaps += 1
         self.swapped_at = time.time()
-        metrics.BUNDLE_SWAPS.inc()
-        log.info("swapped bundle %s -> %s", previous.version if previous else "?", ref.version)
         return runtime
 
     def describe(self) -> dict:

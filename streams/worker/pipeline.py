@@ -478,16 +478,19 @@ async def prepare_segment(events: Sequence) -> Prepared | None:
             [HistoryAppend(p.event.user_id,
                            history_entry(p.event.item_id, rt.weights[p.event.event_type]),
                            *p.place) for p in pending if p.is_new], users,
-            [vector_model(runtime_of(user)) for user in users])
+            [vector_model(runtime_of(user)) for user in users] if srv.arms
+            else [vector_model(rt)] * len(users))
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         degraded = long_vecs is None
         metrics.REDIS_UP.set(0 if degraded else 1)
     long_vecs = long_vecs or {}
+    if not srv.arms:
+        return Prepared(pending, long_vecs, degraded,
+                        [scoring_group(rt, pending, list(range(len(pending))), long_vecs)])
     at_of: dict[str, list[int]] = {}
     for i, p in enumerate(pending):
         at_of.setdefault(runtime_of(p.event.user_id).arm, []).append(i)
-    groups = [scoring_group(srv.runtimes[arm] if srv.arms else rt,
-                            [pending[i] for i in at], at, long_vecs)
+    groups = [scoring_group(srv.runtimes[arm], [pending[i] for i in at], at, long_vecs)
               for arm, at in at_of.items()]
     return Prepared(pending, long_vecs, degraded, groups)
 

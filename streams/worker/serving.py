@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from streams.arms import Arm, arm_of
@@ -37,28 +37,25 @@ class Runtime:
     fusion_mode: str
     fixed_alpha: float
     weights: dict[str, float]
-    # One thread for onnxruntime: it overlaps the event loop's work on the second core.
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+    # One thread for onnxruntime, shared by the worker's runtimes (their batches never overlap):
+    # it overlaps the event loop's work on the second core.
+    executor: ThreadPoolExecutor
     arm: str = ""  # "" without arms
     mode_override: str = ""  # the arm's fusion mode, kept by its successors
 
     @classmethod
     def with_bundle(cls, settings: Settings, bundle: Bundle, store: LongTermStore | None,
-                    executor: ThreadPoolExecutor | None = None, arm: str = "",
-                    mode_override: str = "") -> "Runtime":
-        """A runtime serving `bundle` with the given store (and inference thread, shared by
-        all runtimes of a worker: their batches never overlap)."""
+                    executor: ThreadPoolExecutor, arm: str = "", mode_override: str = ""
+                    ) -> "Runtime":
+        """A runtime serving `bundle` with the worker's store and inference thread."""
         # known_items: the dict itself, whose `in` is one C call (the index's is a Python one)
         rules = event_rules(settings, bundle.items.row_of)
         mode = mode_override or settings.fusion_mode or \
             bundle.manifest.get("default_fusion_mode", "fixed")
         alpha = settings.fusion_alpha
         alpha = float(bundle.manifest.get("fixed_alpha", 0.5)) if alpha is None else alpha
-        rt = cls(settings, bundle, Recommender(bundle), rules, store, mode, alpha,
-                 settings.weights(), arm=arm, mode_override=mode_override)
-        if executor is not None:
-            rt.executor = executor
-        return rt
+        return cls(settings, bundle, Recommender(bundle), rules, store, mode, alpha,
+                   settings.weights(), executor, arm, mode_override)
 
     def successor(self, path: Path) -> "Runtime":
         """A runtime for the bundle at `path`, loaded and checked beside this one (in a
