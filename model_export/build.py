@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from streams.bundle import FILES, write_manifest
 from streams.errors import InterestStreamError
 
-from . import bert, data, export, train
+from . import bert, data, export, item_item, train
 from . import train_long_term as tlt
 from .fusion import FusionHead
 from .gpt import GPTConfig, ShortTermHead
@@ -72,7 +72,8 @@ def release_freed_memory() -> None:
 def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
           train_cfg: train.TrainConfig | None = None, fusion_mode: str = "fixed",
           fixed_alpha: float | None = None, evaluate_after: bool = True,
-          long_cfg: dict | None = None, long_train: tlt.LongTermTrainConfig | None = None) -> dict:
+          long_cfg: dict | None = None, long_train: tlt.LongTermTrainConfig | None = None,
+          item_cfg: item_item.ItemItemConfig | None = None) -> dict:
     """Train everything on `dataset`'s training split and write a bundle into `out`."""
     started = time.time()
     train_cfg = train_cfg or train.TrainConfig()
@@ -104,8 +105,15 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
                           **(long_cfg or {}))
     choice = tlt.choose_long_term(base, torch.from_numpy(text_emb), gpt, fit_seqs, val, long_train)
     long_model = choice.model
+    # the item-item model's regularisation and weight, with the fixed mode's alpha beside it:
+    # chosen together on the fused validation score
+    item_cfg = item_cfg or item_item.ItemItemConfig()
+    items = item_item.choose(fit_seqs, n_rows, HIST_LEN, val.h_s, val.h_l(long_model),
+                             gpt.item_embeddings.detach(), val.seqs, val.targets, val.seen,
+                             item_cfg, seed=train_cfg.seed)
+    item_table = items.table
     if fixed_alpha is None:
-        fixed_alpha = choice.fixed_alpha
+        fixed_alpha = items.fixed_alpha
     if train_cfg.refit:
         # 2. what is served is trained on everything known before the test item (training
         # split + validation item) with the choices of step 1: the models learn the newest
@@ -114,6 +122,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         gpt = train.train_gpt(seqs, cfg, train_cfg)
         long_model = tlt.refit_tower(choice, torch.from_numpy(text_emb), gpt.item_embeddings,
                                      seqs, long_train)
+        item_table = item_item.fit(seqs, n_rows, items.l2_scale, item_cfg)
     # the gate learns from each user's last `tail` positions; without the refit neither model
     # trained on them, with it both did (the gate is not the default mode)
     gate = train.train_gate(gpt.item_embeddings,
@@ -128,7 +137,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     with torch.no_grad():
         item_long = proj(torch.from_numpy(text_emb)).numpy()
         long_item_in = long_model.item_inputs().numpy()
-    fusion_head = FusionHead(gpt.item_embeddings, gate, MAX_K)
+    fusion_head = FusionHead(gpt.item_embeddings, gate, MAX_K, torch.from_numpy(item_table.rows),
+                             torch.from_numpy(item_table.weights))
     report = export.export_all(ShortTermHead(gpt), text_head, fusion_head, out, n_rows,
                                cfg.d_model, cfg.max_len, tokenizer.vocab_size,
                                LongTermGraph(long_model), LongTermHeadGraph(long_model))
@@ -142,6 +152,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     np.save(out / FILES["item_long_emb"], item_long.astype(np.float32))
     np.save(out / FILES["item_emb"], gpt.item_embeddings.detach().numpy().astype(np.float32))
     np.save(out / FILES["popularity"], popularity)
+    np.savez(out / FILES["item_neighbours"], rows=item_table.rows, weights=item_table.weights)
     np.savez(out / FILES["projection"], W=proj.linear.weight.detach().numpy().T.copy(),
              b=proj.linear.bias.detach().numpy())
     shutil.copy(bert.minilm_dir() / "tokenizer.json", out / FILES["tokenizer"])
@@ -163,6 +174,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         "train": asdict(train_cfg),
         "default_fusion_mode": fusion_mode,
         "fixed_alpha": fixed_alpha,
+        "item_item": {"weight": items.weight, "l2_scale": items.l2_scale, "l2": item_table.l2,
+                      "window": HIST_LEN, "config": item_cfg.to_dict(), "validation": items.valid},
         "long_term": {"construction": "model", "half_life": train_cfg.half_life,
                       "profile_items": 30,
                       "model": {**long_model.cfg.to_dict(),

@@ -5,7 +5,10 @@ Leave-one-out test split, full ranking over all items with the user's seen items
 
 - popularity; gpt (short-term only);
 - long_pooled / long_bert: the bundle's long-term model alone (its kind names the row);
-- fused_fixed, fused_attention, fused_gate: the three fusion modes over that model;
+- item_item: the item-item model alone, over the user's recent window;
+- gpt_item_item: the GPT and the item-item model (no long-term vector);
+- fused_fixed, fused_attention, fused_gate: the three fusion modes over that model, each with
+  the item-item scores at the bundle's weight: what is served;
 - bert, bert_text: the founding article's text-only long-term vectors (pooled item
   embeddings, a text profile), alone; bert_text over a seeded sample of users when there
   are more than `Protocol.text_profile_users` (the BERT over each profile is the slow part).
@@ -68,7 +71,8 @@ def long_row_name(bundle) -> str:
 
 
 def default_rows(bundle) -> tuple[str, ...]:
-    return ("popularity", "gpt", long_row_name(bundle), *FUSED, "bert", "bert_text")
+    return ("popularity", "gpt", long_row_name(bundle), "item_item", "gpt_item_item", *FUSED,
+            "bert", "bert_text")
 
 
 def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, seen: list[list[int]]) -> np.ndarray:
@@ -174,10 +178,15 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
                         continue
                 pick = ((lambda xs: [xs[j] for j in which]) if len(which) < len(batch)
                         else (lambda xs: xs))
-                mode, a, longs, upd = _plan(name, alpha, lt, pick(histories), pick(model_vecs),
-                                            None if updates is None else pick(updates))
-                out = rec.recommend(pick(seqs), longs, pick(dts), pick(seen), mode, a, K, upd)
+                mode, a, longs, upd, ii = _plan(name, alpha, lt, pick(histories),
+                                                pick(model_vecs),
+                                                None if updates is None else pick(updates),
+                                                rec.d_model)
+                out = rec.recommend(pick(seqs), longs, pick(dts), pick(seen), mode, a, K, upd,
+                                    item_item_weight=ii)
                 scores, top_rows = out.fused @ item_emb.T, out.rows
+                if ii != 0.0:  # the item-item share, in full for the ranks
+                    scores = scores + rec.item_item_scores(pick(seqs), ii)
             for j, rank in zip(which, ranks_from_scores(scores, targets[which],
                                                         [seen[j] for j in which]).tolist()):
                 ranks[name][start + int(j)] = rank
@@ -209,19 +218,26 @@ def profile_sample(n_cases: int, protocol: Protocol) -> set[int] | None:
     return set(random.Random(protocol.seed).sample(range(n_cases), protocol.text_profile_users))
 
 
-def _plan(name: str, alpha: float, lt: LongTermEncoder, histories, model_vecs, updates):
-    """(mode, alpha, long-term vectors, updates) of one row."""
+def _plan(name: str, alpha: float, lt: LongTermEncoder, histories, model_vecs, updates,
+          d_model: int):
+    """(mode, alpha, long-term vectors, updates, item-item weight or None: the bundle's) of
+    one row."""
     none = [None] * len(histories)
     if name == "gpt":
-        return "fixed", 1.0, none, None
+        return "fixed", 1.0, none, None, 0.0
+    if name == "gpt_item_item":
+        return "fixed", 1.0, none, None, None
+    if name == "item_item":  # a zero long-term vector in full: the item-item scores alone
+        zero = np.zeros(d_model, np.float32)
+        return "fixed", 0.0, [zero] * len(histories), None, 1.0
     if name == "bert":
-        return "fixed", 0.0, list(lt.encode(histories, "pooled")), None
+        return "fixed", 0.0, list(lt.encode(histories, "pooled")), None, 0.0
     if name == "bert_text":
-        return "fixed", 0.0, list(lt.encode(histories, "text")), None
+        return "fixed", 0.0, list(lt.encode(histories, "text")), None, 0.0
     if name.startswith("long_"):
-        return "fixed", 0.0, model_vecs, updates
+        return "fixed", 0.0, model_vecs, updates, 0.0
     if name in FUSED:
-        return name.split("_")[1], alpha, model_vecs, updates
+        return name.split("_")[1], alpha, model_vecs, updates, None
     raise data.DataError(f"unknown evaluation row {name!r}")
 
 

@@ -113,14 +113,16 @@ def fusion_cases(n_rows: int, d_model: int, max_k: int, seed: int = 0) -> dict[s
             h_l = torch.randn(batch, d_model, generator=gen)
             has_long = (torch.rand(batch, 1, generator=gen) > 0.3).float()
             hist_e = torch.randn(batch, hist, d_model, generator=gen)
-            _, hist_mask = random_padded_rows(batch, hist, 2, gen)
+            hist_rows, hist_mask = random_padded_rows(batch, hist, n_rows, gen)
             dt = torch.rand(batch, 1, generator=gen) * 10
             seen = (torch.rand(batch, n_rows, generator=gen) > 0.9).float()
             mode = torch.eye(3)[mode_index]
             alpha = torch.tensor([0.3])
+            item_weight = torch.tensor([(0.0, 0.7, 2.0)[mode_index]])
             k = torch.tensor([1 + (batch + hist + mode_index) % max_k], dtype=torch.int64)
             cases[f"B{batch}xN{hist}m{mode_index}"] = (
-                h_s, h_l, has_long, hist_e, hist_mask, dt, seen, mode, alpha, k)
+                h_s, h_l, has_long, hist_e, hist_rows, hist_mask, dt, seen, mode, alpha,
+                item_weight, k)
     return cases
 
 

@@ -10,6 +10,10 @@ Three modes, picked at serve time by a one-hot `mode` input of the exported grap
 - gate:      a = sigmoid(MLP([h_s, h_l, h_s*h_l, log1p(dt)])), learned (SLi-Rec / CLSR).
 
 No long-term vector (has_long = 0) -> a = 1: short-term only.
+
+Then the item-item model's scores over the user's recent window (`model_export.item_item`) are
+added with weight `item_item_weight` (chosen on validation; 0 switches them off), whatever the
+mode: they need no long-term vector, only the items the worker's state holds.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from streams.bundle import MASKED_SCORE
+
+from . import item_item
 
 NEG = MASKED_SCORE  # also what the worker reads as "masked" in top_scores
 
@@ -57,9 +63,12 @@ def attention_weight(
 class FusionHead(nn.Module):
     """The exported graph: fused vector, alpha and the top-K unseen items."""
 
-    def __init__(self, item_emb: torch.Tensor, gate: InterestGate, max_k: int):
+    def __init__(self, item_emb: torch.Tensor, gate: InterestGate, max_k: int,
+                 neighbour_rows: torch.Tensor, neighbour_weights: torch.Tensor):
         super().__init__()
         self.register_buffer("item_emb", item_emb.detach().clone())  # (n_rows, D)
+        self.register_buffer("neighbour_rows", neighbour_rows.clone())  # (n_rows, K) int64
+        self.register_buffer("neighbour_weights", neighbour_weights.clone())  # (n_rows, K)
         self.gate = gate
         self.max_k = max_k
 
@@ -70,11 +79,16 @@ class FusionHead(nn.Module):
         a = torch.cat([a_fixed, a_att, a_gate], dim=-1) @ mode.reshape(3, 1)  # (B, 1)
         return has_long * a + (1.0 - has_long)  # no long-term vector: short-term only
 
-    def forward(self, h_s, h_l, has_long, hist_e, hist_mask, dt, seen_mask, mode, fixed_alpha, k):
+    def forward(self, h_s, h_l, has_long, hist_e, hist_rows, hist_mask, dt, seen_mask, mode,
+                fixed_alpha, item_item_weight, k):
         alpha = self.alpha(h_s, h_l, has_long, hist_e, hist_mask, dt, mode, fixed_alpha)
         fused = alpha * h_s + (1.0 - alpha) * h_l  # (B, D)
-        scores = fused @ self.item_emb.T  # (B, n_rows)
+        item_scores = item_item_weight * item_item.scores(
+            self.neighbour_rows, self.neighbour_weights, hist_rows, hist_mask,
+            self.item_emb.size(0))  # (B, n_rows)
+        scores = fused @ self.item_emb.T + item_scores  # (B, n_rows)
         scores = torch.where(seen_mask > 0.5, torch.full_like(scores, NEG), scores)
         # k is an input, not max_k: onnxruntime's TopK costs ~14x more at 100 than at 10.
         top_scores, top_rows = torch.topk(scores, k.reshape(()), dim=-1)  # (B, k)
-        return fused, alpha, top_scores, top_rows
+        top_item_item = item_scores.gather(1, top_rows)  # (B, k) its share of each top score
+        return fused, alpha, top_scores, top_rows, top_item_item

@@ -17,7 +17,7 @@ from streams.errors import BundleError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 3: the long-term model (long_term.onnx, its head, its item inputs)
+FORMAT_VERSION = 4  # 4: the item-item model in fusion.onnx; 3: the long-term model
 MANIFEST = "manifest.json"
 PAD_ROW = 0  # row 0 of every item table is padding; real items start at row 1
 
@@ -55,19 +55,23 @@ FUSION = OnnxSignature(
         "h_l",  # (B, D) projected long-term vector (zeros when missing)
         "has_long",  # (B, 1) 1.0 when h_l is real
         "hist_e",  # (B, N, D) projected BERT vectors of the user's history items
+        "hist_rows",  # (B, N) int64 those items' rows (the item-item model's input)
         "hist_mask",  # (B, N) 1.0 for real history entries
         "dt",  # (B, 1) log1p(seconds since the user's previous event)
         "seen_mask",  # (B, n_rows) 1.0 = never recommend this row
         "mode",  # (3,) one-hot over (fixed, attention, gate)
         "fixed_alpha",  # (1,) short-term weight of the fixed mode
+        "item_item_weight",  # (1,) the item-item scores' weight in every mode (0: off)
         "k",  # (1,) int64: how many items to return, 1..dims.max_k
     ),
-    outputs=("fused", "alpha", "top_scores", "top_rows"),  # (B,D) (B,1) (B,k) (B,k)
+    # (B,D) (B,1) (B,k) (B,k) (B,k): the last, the item-item share of each top score
+    outputs=("fused", "alpha", "top_scores", "top_rows", "top_item_item"),
     dynamic_axes={
         "h_s": {0: "batch"},
         "h_l": {0: "batch"},
         "has_long": {0: "batch"},
         "hist_e": {0: "batch", 1: "history"},
+        "hist_rows": {0: "batch", 1: "history"},
         "hist_mask": {0: "batch", 1: "history"},
         "dt": {0: "batch"},
         "seen_mask": {0: "batch"},
@@ -75,6 +79,7 @@ FUSION = OnnxSignature(
         "alpha": {0: "batch"},
         "top_scores": {0: "batch", 1: "k"},
         "top_rows": {0: "batch", 1: "k"},
+        "top_item_item": {0: "batch", 1: "k"},
     },
 )
 LONG_TERM = OnnxSignature(
@@ -114,6 +119,8 @@ FILES = {
     "long_term": "long_term.onnx",  # the long-term model over a user's newest items
     "long_term_head": "long_term_head.onnx",  # its head: pooled mean -> h_l
     "long_item_in": "long_item_in.npy",  # (n_rows, C) its item inputs: what `pooled` averages
+    # rows, weights (n_rows, K): each item's strongest successors, as fusion.onnx holds them
+    "item_neighbours": "item_neighbours.npz",
 }
 
 
@@ -179,6 +186,10 @@ class Bundle:
 
     def array(self, key: str) -> np.ndarray:
         return np.load(self.file(key))
+
+    def item_neighbours(self) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.file("item_neighbours")) as data:
+            return data["rows"].astype(np.int64), data["weights"].astype(np.float32)
 
     def projection(self) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.file("projection")) as data:

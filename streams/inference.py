@@ -232,11 +232,12 @@ class RecommendationBatch:
     alpha: np.ndarray  # (B,) short-term weight
     rows: np.ndarray  # (B, K) item rows, best first
     scores: np.ndarray  # (B, K)
+    item_item: np.ndarray  # (B, K) the item-item model's share of each score
     h_s: np.ndarray | None = None  # (B, D) the short-term vector, for the explanations
 
     def short_term_parts(self, item_emb: np.ndarray) -> np.ndarray:
-        """(B, K) the short-term share alpha * h_s . e of each top score; the rest of the
-        score, (1 - alpha) * h_l . e, is the long-term share."""
+        """(B, K) the short-term share alpha * h_s . e of each top score; with the item-item
+        share, the rest of the score, (1 - alpha) * h_l . e, is the long-term share."""
         dots = np.einsum("bd,bkd->bk", self.h_s, item_emb[self.rows])
         return self.alpha[:, None] * dots
 
@@ -258,6 +259,7 @@ class InterestFuser:
         self.item_long_emb = bundle.array("item_long_emb").astype(np.float32)
         self.n_rows = bundle.items.n_rows
         self.max_k = int(bundle.dims["max_k"])
+        self.item_item_weight = float(bundle.manifest.get("item_item", {}).get("weight", 0.0))
 
     def feeds(
         self,
@@ -270,8 +272,10 @@ class InterestFuser:
         mode: str,
         fixed_alpha: float,
         k: int,
+        item_item_weight: float | None = None,
     ) -> dict:
-        """fusion.onnx's inputs except h_s (the GPT's output)."""
+        """fusion.onnx's inputs except h_s (the GPT's output); `item_item_weight` None: the
+        bundle's."""
         if mode not in FUSION_MODES:
             raise ValueError(f"fusion mode {mode!r} is not one of {FUSION_MODES}")
         if not 1 <= k <= self.max_k:
@@ -281,18 +285,21 @@ class InterestFuser:
             "h_l": np.asarray(h_l, dtype=f32),
             "has_long": np.asarray(has_long, dtype=f32).reshape(-1, 1),
             "hist_e": np.take(self.item_long_emb, hist_rows, axis=0),  # (B, N, D)
+            "hist_rows": np.asarray(hist_rows, dtype=np.int64),
             "hist_mask": hist_mask,
             "dt": np.log1p(np.maximum(dt_s, 0.0)).reshape(-1, 1).astype(f32),
             "seen_mask": np.asarray(seen_mask, dtype=f32),
             "mode": np.eye(3, dtype=np.float32)[FUSION_MODES.index(mode)],
             "fixed_alpha": np.array([fixed_alpha], dtype=np.float32),
+            "item_item_weight": np.array([self.item_item_weight if item_item_weight is None
+                                          else item_item_weight], dtype=np.float32),
             "k": np.array([k], dtype=np.int64),
         }
 
     def run(self, h_s: np.ndarray, feeds: dict) -> RecommendationBatch:
-        fused, alpha, scores, rows = self.session.run(
+        fused, alpha, scores, rows, item_item = self.session.run(
             list(FUSION.outputs), {"h_s": h_s.astype(np.float32), **feeds})
-        return RecommendationBatch(fused, alpha.reshape(-1), rows, scores)
+        return RecommendationBatch(fused, alpha.reshape(-1), rows, scores, item_item)
 
 
 @dataclass
@@ -316,6 +323,22 @@ class Recommender:
         self.d_model = int(bundle.dims["d_model"])
         self.updater = LongTermUpdater(bundle, threads)
         self.item_emb = bundle.array("item_emb").astype(np.float32)  # (n_rows, D), as fusion.onnx
+        self.neighbours: tuple[np.ndarray, np.ndarray] | None = None  # read on first use
+
+    def item_item_scores(self, sequences: Sequence[Sequence[int]], weight: float | None = None
+                         ) -> np.ndarray:
+        """(B, n_rows) the item-item share of every item's score, as fusion.onnx adds it
+        (numpy; the offline evaluation ranks every item with it)."""
+        if self.neighbours is None:
+            self.neighbours = self.bundle.item_neighbours()
+        table_rows, table_w = self.neighbours
+        rows, mask = pad_left(sequences, 10_000)
+        n = self.bundle.items.n_rows
+        to = table_rows[rows] + (np.arange(len(rows)) * n)[:, None, None]  # (B, N, K)
+        w = table_w[rows] * mask[:, :, None]
+        out = np.bincount(to.ravel(), weights=w.ravel(), minlength=len(rows) * n)
+        factor = self.fuser.item_item_weight if weight is None else weight
+        return (factor * out.reshape(len(rows), n)).astype(np.float32)
 
     def seen_mask(self, seen: Sequence[Sequence[int]]) -> np.ndarray:
         """(B, n_rows) 1.0 for each user's seen rows and for row 0 (padding, never an item)."""
@@ -338,15 +361,17 @@ class Recommender:
         fixed_alpha: float,
         k: int,
         updates: Sequence[LongTermUpdate | None] | None = None,
+        item_item_weight: float | None = None,
     ) -> RecommendationBatch:
         """Score a batch: `sequences` are recent item rows (oldest first), one per user; `seen`
         the rows never to recommend to each, None for the sequences' own rows; `updates` the
-        events to add to each user's refreshed long-term vector (incremental models)."""
+        events to add to each user's refreshed long-term vector (incremental models);
+        `item_item_weight` None: the bundle's."""
         return self.score(self.inputs(sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k,
-                                      updates))
+                                      updates, item_item_weight))
 
     def inputs(self, sequences, long_vecs, dt_s, seen, mode, fixed_alpha, k,
-               updates=None) -> ScoringInputs:
+               updates=None, item_item_weight=None) -> ScoringInputs:
         rows, mask = pad_left(sequences, 10_000)  # padded once: the GPT's input and attention's N
         h_l = np.zeros((len(sequences), self.d_model), dtype=np.float32)
         has_long = np.zeros(len(sequences), dtype=np.float32)
@@ -358,7 +383,7 @@ class Recommender:
         return ScoringInputs(
             self.short_term.feeds(rows, mask),
             self.fuser.feeds(h_l, has_long, rows, mask, np.asarray(dt_s, dtype=np.float32),
-                             seen_mask, mode, fixed_alpha, k),
+                             seen_mask, mode, fixed_alpha, k, item_item_weight),
             self.long_update(updates) if updates is not None else None)
 
     def long_update(self, updates: Sequence[LongTermUpdate | None]

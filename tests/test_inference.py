@@ -120,15 +120,30 @@ def test_per_event_update_equals_a_refresh_over_the_whole_history(bundle, half_l
     assert np.abs(stale.fused - fresh.fused).max() > 1e-3  # the update did change something
 
 
-def test_explanations_split_each_score_into_its_two_parts(bundle):
+def test_explanations_split_each_score_into_its_three_parts(bundle):
     rec = Recommender(bundle)
     lt = LongTermEncoder(bundle, with_text_encoder=False)
     seqs = [[1, 2, 3], [5, 6]]
     h_l = lt.model_parts(seqs).h_l
-    out = rec.recommend(seqs, list(h_l), [1.0, 1.0], None, "fixed", 0.6, 5)
+    out = rec.recommend(seqs, list(h_l), [1.0, 1.0], None, "fixed", 0.6, 5,
+                        item_item_weight=1.5)
     short = out.short_term_parts(rec.item_emb)
     h_s = rec.short_term.encode(seqs)
     e = rec.item_emb[out.rows]  # (B, K, D)
     np.testing.assert_allclose(short, 0.6 * np.einsum("bd,bkd->bk", h_s, e), atol=1e-4)
     long_part = 0.4 * np.einsum("bd,bkd->bk", h_l, e)
-    np.testing.assert_allclose(short + long_part, out.scores, atol=1e-4)
+    assert np.abs(out.item_item).max() > 0  # the quick bundle's table reaches these users
+    np.testing.assert_allclose(short + long_part + out.item_item, out.scores, atol=1e-4)
+
+
+def test_the_evaluations_item_item_scores_are_the_fusion_graphs(bundle):
+    """The offline evaluation ranks every item with numpy's item-item scores; the worker's
+    lists come from fusion.onnx's: the same numbers."""
+    rec = Recommender(bundle)
+    seqs = [[1, 2, 3], [5, 6, 6], [7]]
+    out = rec.recommend(seqs, [None] * 3, [1.0] * 3, None, "fixed", 1.0, 10,
+                        item_item_weight=2.0)
+    full = rec.item_item_scores(seqs, 2.0)
+    np.testing.assert_allclose(np.take_along_axis(full, out.rows, axis=1), out.item_item,
+                               atol=1e-5)
+    np.testing.assert_allclose(rec.item_item_scores(seqs, 0.5), full / 4, atol=1e-6)

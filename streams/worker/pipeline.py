@@ -182,13 +182,16 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
     interests = np.round(batch.fused.astype(np.float32, copy=False), 5)  # (B, D), C-contiguous
     raw = batch.scores.astype(np.float64)
     short = batch.short_term_parts(rt.recommender.item_emb).astype(np.float64)
+    item_item = batch.item_item.astype(np.float64)
     scores = np.round(raw, 4).tolist()
     shorts = np.round(short, 4).tolist()
-    longs = np.round(raw - short, 4).tolist()  # score = short + long, up to rounding
+    items_parts = np.round(item_item, 4).tolist()
+    # score = short + long + item_item, up to rounding
+    longs = np.round(raw - short - item_item, 4).tolist()
     alphas = np.round(batch.alpha.astype(np.float64), 4).tolist()
     out = []
-    for p, rows, row_scores, row_short, row_long, interest, alpha in zip(
-            pending, batch.rows.tolist(), scores, shorts, longs, interests, alphas):
+    for p, rows, row_scores, row_short, row_long, row_ii, interest, alpha in zip(
+            pending, batch.rows.tolist(), scores, shorts, longs, items_parts, interests, alphas):
         event = p.event
         lt = long_vecs.get(event.user_id)
         out.append(orjson.dumps({
@@ -196,8 +199,8 @@ def render_outputs(pending: Sequence[Pending], batch: RecommendationBatch, rt: R
             "user_id": event.user_id,
             "item_id": event.item_id,  # the event's item: what this recommendation follows
             "items": [{"item_id": ids[r], "score": sc, "short_term": st, "long_term": lg,
-                       "title": titles[r]}
-                      for r, sc, st, lg in zip(rows, row_scores, row_short, row_long)
+                       "item_item": ii, "title": titles[r]}
+                      for r, sc, st, lg, ii in zip(rows, row_scores, row_short, row_long, row_ii)
                       if sc > unranked],
             "interest": interest,
             "alpha": alpha,

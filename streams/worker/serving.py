@@ -150,6 +150,7 @@ class Serving:
             arm = next((a for a in self.arms if a.name == name), None)
             out[name] = {"model_version": rt.bundle.version, "fusion_mode": rt.fusion_mode,
                          "fixed_alpha": rt.fixed_alpha,
+                         "item_item_weight": rt.recommender.fuser.item_item_weight,
                          "weight": None if arm is None else arm.weight,
                          **self.swaps[name].describe()}
         return out

@@ -19,6 +19,7 @@ def test_quick_bundle_is_complete_and_fused_beats_popularity(quick_bundle):
     assert bundle.manifest["parity"] == {"short_term.onnx": "ok", "text_encoder.onnx": "ok",
                                          "fusion.onnx": "ok", "long_term.onnx": "ok",
                                          "long_term_head.onnx": "ok"}
+    assert bundle.manifest["item_item"]["weight"] in bundle.manifest["item_item"]["config"]["weights"]
 
 
 def test_evaluate_counts_unknown_items_instead_of_scoring_them(quick_bundle):
@@ -41,9 +42,9 @@ def test_evaluate_scores_the_recent_items_the_worker_holds(quick_bundle, monkeyp
 
     lengths, recommend = [], Recommender.recommend
 
-    def spy(self, sequences, *args):
+    def spy(self, sequences, *args, **kwargs):
         lengths.extend(len(s) for s in sequences)
-        return recommend(self, sequences, *args)
+        return recommend(self, sequences, *args, **kwargs)
 
     monkeypatch.setattr(Recommender, "recommend", spy)
     dims = load_bundle(quick_bundle).dims
@@ -82,7 +83,8 @@ def test_fused_beats_both_towers_when_the_taste_lies_beyond_the_short_window(tmp
     m = {name: row["ndcg@10"] for name, row in manifest["metrics"].items()}
     best = max(m[name] for name in ("fused_fixed", "fused_gate"))
     assert best > 1.03 * m["gpt"] and best > 1.5 * m["long_pooled"], m
-    assert manifest["fixed_alpha"] < 1.0  # the build chose to use the long-term vector
+    # the build chose to use a long-term part: the long-term vector or the item-item scores
+    assert manifest["fixed_alpha"] < 1.0 or manifest["item_item"]["weight"] > 0
 
 
 def test_the_served_models_are_refit_on_what_is_known_before_the_test_item(quick_bundle):

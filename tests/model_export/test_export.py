@@ -46,29 +46,65 @@ def test_padding_does_not_change_a_users_vector(tmp_path):
 def test_fusion_parity_and_ranges(tmp_path):
     torch.manual_seed(0)
     item_emb = torch.randn(80, 16)
-    head = FusionHead(item_emb, InterestGate(16), max_k=10)
+    head = FusionHead(item_emb, InterestGate(16), 10, *_neighbours(80))
     cases = fusion_cases(80, 16, max_k=10)
     path = export(head, cases["B4xN10m2"], FUSION, tmp_path / "fu.onnx")
     assert validate(head, path, FUSION, cases) == []
-    fused, alpha, scores, rows = head(*cases["B32xN50m1"])
-    has_long, k = cases["B32xN50m1"][2], int(cases["B32xN50m1"][9])
-    assert fused.shape == (32, 16) and rows.shape == (32, k)
+    case = dict(zip(FUSION.inputs, cases["B32xN50m1"]))
+    fused, alpha, scores, rows, item_part = head(*cases["B32xN50m1"])
+    k = int(case["k"])
+    assert fused.shape == (32, 16) and rows.shape == item_part.shape == (32, k)
     assert ((alpha >= 0) & (alpha <= 1)).all()
-    assert torch.all(alpha[has_long[:, 0] == 0] == 1.0)  # no long-term vector: short-term only
-    seen = cases["B32xN50m1"][6]
-    assert seen.gather(1, rows).sum() == 0  # seen rows never recommended
+    assert torch.all(alpha[case["has_long"][:, 0] == 0] == 1.0)  # no long vector: short only
+    assert case["seen_mask"].gather(1, rows).sum() == 0  # seen rows never recommended
+
+
+def _neighbours(n_rows: int, k: int = 4, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1, n_rows, (n_rows, k), generator=gen)
+    weights = torch.rand(n_rows, k, generator=gen)
+    rows[0], weights[0] = 0, 0.0  # padding has no successors
+    return rows, weights
+
+
+def test_fusion_adds_the_item_item_scores_of_the_window_at_their_weight():
+    """Each real history row adds its successors' weights (a row twice: twice); padding adds
+    nothing; the graph's top_item_item is that share of each returned score."""
+    torch.manual_seed(2)
+    n_rows = 30
+    nb_rows, nb_w = _neighbours(n_rows)
+    head = FusionHead(torch.randn(n_rows, 8), InterestGate(8), 10, nb_rows, nb_w)
+    case = dict(zip(FUSION.inputs, fusion_cases(n_rows, 8, max_k=10)["B4xN10m0"]))
+    case["hist_rows"][0] = torch.tensor([0, 0, 0, 0, 0, 0, 0, 7, 7, 3])
+    case["hist_mask"][0] = (case["hist_rows"][0] > 0).float()
+    expected = torch.zeros(4, n_rows)
+    for b in range(4):
+        for row, real in zip(case["hist_rows"][b].tolist(), case["hist_mask"][b].tolist()):
+            for to, w in zip(nb_rows[row].tolist(), nb_w[row].tolist()):
+                expected[b, to] += real * w
+    case["seen_mask"] = torch.zeros(4, n_rows)
+    case["item_item_weight"] = torch.tensor([0.0])
+    _, _, base, rows, off = head(*case.values())
+    assert torch.all(off == 0)
+    case["item_item_weight"] = torch.tensor([2.5])
+    _, _, scores, rows, part = head(*case.values())
+    torch.testing.assert_close(part, 2.5 * expected.gather(1, rows))
+    _, _, base_all, base_rows, _ = head(*{**case, "item_item_weight": torch.tensor([0.0]),
+                                          "k": torch.tensor([n_rows])}.values())
+    plain = torch.zeros(4, n_rows).scatter(1, base_rows, base_all)
+    torch.testing.assert_close(scores, (plain + 2.5 * expected).gather(1, rows))
 
 
 def test_fusion_graph_returns_k_items_for_the_k_fed(tmp_path):
     torch.manual_seed(1)
-    head = FusionHead(torch.randn(80, 16), InterestGate(16), max_k=10)
+    head = FusionHead(torch.randn(80, 16), InterestGate(16), 10, *_neighbours(80))
     cases = fusion_cases(80, 16, max_k=10)
     path = export(head, cases["B4xN10m2"], FUSION, tmp_path / "fu.onnx")
     session = make_session(path)
     feeds = {n: t.numpy() for n, t in zip(FUSION.inputs, cases["B32xN50m0"])}
     top = {}
     for k in (1, 3, 10):
-        _, _, scores, rows = session.run(None, dict(feeds, k=np.array([k], dtype=np.int64)))
+        _, _, scores, rows, _ = session.run(None, dict(feeds, k=np.array([k], dtype=np.int64)))
         assert scores.shape == rows.shape == (32, k)
         assert np.all(np.diff(scores, axis=1) <= 0)  # best first
         top[k] = scores

@@ -196,6 +196,7 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
         alpha=np.array([0.30000001, 1.0], dtype=np.float32),
         rows=np.array([[3, 1], [2, 0]]),  # 0: padding, masked (k above the items left unseen)
         scores=np.array([[4.72069979, 4.66970015], [1.0, MASKED_SCORE]], dtype=np.float32),
+        item_item=np.array([[1.5, 0.0], [0.25, 0.0]], dtype=np.float32),
         h_s=np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32))
     event = SimpleNamespace(event_id="e", user_id="u", item_id="i9", ts=5)
     pending = [SimpleNamespace(event=event)] * 2
@@ -203,15 +204,17 @@ def test_rendered_numbers_are_the_rounded_values_in_short_form():
     first, second = (orjson.loads(v) for v in values)
     assert first["interest"] == [0.07898, -5.8633, 1.0]
     assert second["interest"] == [2.5, -0.0, 123.45679]
-    # the score's short-term part alpha * h_s . e and the rest, its long-term part
+    # the score's short-term part alpha * h_s . e, its item-item part and the rest, its
+    # long-term part
     assert first["items"] == [{"item_id": "i3", "score": 4.7207, "short_term": 0.6,
-                               "long_term": 4.1207, "title": "T3"},
+                               "long_term": 2.6207, "item_item": 1.5, "title": "T3"},
                               {"item_id": "i1", "score": 4.6697, "short_term": 0.0,
-                               "long_term": 4.6697, "title": "T1"}]
+                               "long_term": 4.6697, "item_item": 0.0, "title": "T1"}]
     assert (first["alpha"], second["alpha"]) == (0.3, 1.0)
     assert b"0.07898," in values[0] and b"4.7207," in values[0]  # the short form on the wire
     assert second["items"] == [{"item_id": "i2", "score": 1.0, "short_term": 0.0,
-                                "long_term": 1.0, "title": "T2"}]  # masked: left out
+                                "long_term": 0.75, "item_item": 0.25,
+                                "title": "T2"}]  # masked: left out
     assert (first["event_ts"], first["emitted_ts"], first["long_term"]) == (5, 7, None)
 
 

@@ -1,0 +1,176 @@
+"""The item-item model: which items follow from the ones a user chose, by collaborative
+regression (EASE: Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019).
+
+B minimises ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0 over the binary user x item matrix X
+of the training histories; closed form B = I - P / diag(P), P = (X^T X + l2 I)^-1. Each item
+keeps its `neighbours` strongest successors (a sparse table the fusion graph gathers), and a
+user's score for item i is the sum of B[j, i] over the items j in the user's recent window:
+order-free, full rank, and exact to update per event (the window the worker's state holds).
+
+Only the `max_items` most chosen items get a row (the inverse is n^2 memory and n^3 time);
+the others keep no neighbours and score only through the GPT.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ItemItemConfig:
+    l2_scales: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0)  # l2 = scale x mean diagonal of X^T X
+    weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)  # in fused scores
+    neighbours: int = 50
+    max_items: int = 20_000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ItemItemTable:
+    """Each row's strongest successors: rows (n_rows, K) int64 and their weights (n_rows, K)."""
+
+    rows: np.ndarray
+    weights: np.ndarray
+    l2: float
+
+
+def fit(seqs: list[list[int]], n_rows: int, l2_scale: float, cfg: ItemItemConfig
+        ) -> ItemItemTable:
+    """EASE over the histories `seqs` (rows >= 1), sparsified to `cfg.neighbours` per row."""
+    counts = np.bincount([r for s in seqs for r in set(s)], minlength=n_rows)
+    counts[0] = 0
+    kept = np.flatnonzero(counts)[np.argsort(-counts[np.flatnonzero(counts)], kind="stable")]
+    kept = np.sort(kept[:cfg.max_items])  # the rows that get neighbours
+    index = np.full(n_rows, -1, dtype=np.int64)
+    index[kept] = np.arange(len(kept))
+    gram = cooccurrence([index[np.unique(np.asarray(s, dtype=np.int64))] for s in seqs],
+                        len(kept))
+    l2 = float(l2_scale * np.mean(np.diag(gram)))
+    gram[np.diag_indices_from(gram)] += l2
+    # float32 through a Cholesky factor (X^T X + l2 I is positive definite): numpy's inv
+    # works in float64 beside an identity, ~3x the memory
+    factor = torch.linalg.cholesky(torch.from_numpy(gram))
+    del gram
+    b = torch.cholesky_inverse(factor).numpy()  # P; then B in place: B[j, i] = -P[j, i] / P[i, i]
+    del factor
+    b /= -np.diag(b).copy()[None, :]
+    np.fill_diagonal(b, 0.0)
+    k = min(cfg.neighbours, len(kept))
+    table_rows = np.zeros((n_rows, k), dtype=np.int64)
+    table_w = np.zeros((n_rows, k), dtype=np.float32)
+    for start in range(0, len(kept), 2048):  # the strongest k per row, a block at a time
+        block = b[start:start + 2048]
+        top = np.argpartition(-block, k - 1, axis=1)[:, :k] if len(kept) > k else \
+            np.tile(np.arange(len(kept)), (len(block), 1))
+        table_rows[kept[start:start + 2048]] = kept[top]
+        table_w[kept[start:start + 2048]] = np.take_along_axis(block, top, axis=1)
+    return ItemItemTable(table_rows, table_w, l2)
+
+
+def cooccurrence(columns: list[np.ndarray], n: int, max_pairs: int = 1 << 24) -> np.ndarray:
+    """X^T X (n, n) float32 of binary rows given by their columns (-1: not kept), by adding
+    each row's column pairs: time and memory follow the interactions, not users x items."""
+    gram = torch.zeros(n * n, dtype=torch.float32)
+    batch, pairs = [], 0
+    for cols in columns + [None]:  # None: flush the last batch
+        if cols is not None:
+            cols = cols[cols >= 0]
+            batch.append((cols[:, None] * n + cols[None, :]).ravel())
+            pairs += len(cols) ** 2
+        if batch and (cols is None or pairs >= max_pairs):
+            flat = torch.from_numpy(np.concatenate(batch))
+            gram.index_put_((flat,), torch.ones(len(flat)), accumulate=True)
+            batch, pairs = [], 0
+    return gram.view(n, n).numpy()
+
+
+def scores(table_rows: torch.Tensor, table_w: torch.Tensor, hist_rows: torch.Tensor,
+           hist_mask: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(B, n_rows) item-item scores of the users' windows: (n_rows, K), (n_rows, K),
+    (B, N) rows, (B, N) 1.0 for real entries. What the fusion graph computes."""
+    b = hist_rows.size(0)
+    to = table_rows[hist_rows].reshape(b, -1)  # (B, N*K)
+    w = (table_w[hist_rows] * hist_mask.unsqueeze(-1)).reshape(b, -1)  # (B, N*K)
+    return torch.zeros(b, n_rows, dtype=w.dtype).scatter_add(1, to, w)
+
+
+def window_inputs(seqs: list[np.ndarray], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's newest `window` rows, left-padded, and their mask."""
+    rows = np.zeros((len(seqs), window), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        tail = np.asarray(s[-window:], dtype=np.int64)
+        if len(tail):
+            rows[i, window - len(tail):] = tail
+    rows_t = torch.from_numpy(rows)
+    return rows_t, (rows_t > 0).float()
+
+
+@dataclass
+class ItemItemChoice:
+    table: ItemItemTable
+    l2_scale: float
+    weight: float  # the item-item share of the fused scores
+    fixed_alpha: float  # the fixed mode's short-term weight chosen with it
+    valid: dict  # validation NDCG@10 per l2 scale at its best (weight, alpha)
+
+
+def _seen_mask(seen: list[np.ndarray], n_rows: int) -> torch.Tensor:
+    mask = torch.zeros(len(seen), n_rows, dtype=torch.bool)
+    mask[:, 0] = True
+    for i, rows in enumerate(seen):
+        mask[i, torch.from_numpy(rows)] = True
+    return mask
+
+
+def _ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    scores = scores.masked_fill(seen, -1e30)
+    rank = 1 + (scores > scores.gather(1, targets[:, None])).sum(1)
+    return torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), 0.0)
+
+
+@torch.no_grad()
+def choose(seqs: list[list[int]], n_rows: int, window: int, h_s: torch.Tensor,
+           h_l: torch.Tensor, item_emb: torch.Tensor, val_seqs: list[np.ndarray],
+           targets: torch.Tensor, seen: list[np.ndarray], cfg: ItemItemConfig,
+           max_users: int = 10_000, seed: int = 0) -> ItemItemChoice:
+    """The l2 scale, the item-item weight and the fixed mode's alpha with the best fused
+    validation NDCG@10 (alpha * h_s.e + (1 - alpha) * h_l.e + weight * item-item), over a
+    seeded sample of `max_users` validation users beyond that many. Weight 0 is a candidate:
+    where the item-item model does not help, it is switched off."""
+    users = np.arange(len(val_seqs))
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    alphas = [i / 20 for i in range(21)]
+    best, report = None, {}
+    for scale in cfg.l2_scales:
+        table = fit(seqs, n_rows, scale, cfg)
+        t_rows, t_w = torch.from_numpy(table.rows), torch.from_numpy(table.weights)
+        gains = torch.zeros(len(cfg.weights), len(alphas))
+        for start in range(0, len(users), 1024):
+            at = users[start:start + 1024]
+            s_s, s_l = h_s[at] @ item_emb.T, h_l[at] @ item_emb.T
+            rows, mask = window_inputs([val_seqs[i] for i in at], window)
+            s_ii = scores(t_rows, t_w, rows, mask, n_rows)
+            at_seen = _seen_mask([seen[i] for i in at], n_rows)
+            for wi, weight in enumerate(cfg.weights):
+                for ai, alpha in enumerate(alphas):
+                    fused = alpha * s_s + (1 - alpha) * s_l + weight * s_ii
+                    gains[wi, ai] += _ndcg_at_10(fused, targets[at], at_seen).sum()
+        gains /= len(users)
+        wi, ai = divmod(int(torch.argmax(gains)), len(alphas))
+        report[f"l2_scale={scale:g}"] = {"fused": round(float(gains[wi, ai]), 4),
+                                         "weight": cfg.weights[wi], "alpha": alphas[ai],
+                                         "without": round(float(gains[0].max()), 4)}
+        log.info("item-item l2 scale %g: fused %.4f at weight %g, alpha %.2f (without %.4f)",
+                 scale, gains[wi, ai], cfg.weights[wi], alphas[ai], gains[0].max())
+        if best is None or gains[wi, ai] > best[0]:
+            best = (float(gains[wi, ai]), table, scale, cfg.weights[wi], alphas[ai])
+    _, table, scale, weight, alpha = best
+    return ItemItemChoice(table, scale, weight, alpha, report)
