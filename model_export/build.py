@@ -138,7 +138,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         item_long = proj(torch.from_numpy(text_emb)).numpy()
         long_item_in = long_model.item_inputs().numpy()
     fusion_head = FusionHead(gpt.item_embeddings, gate, MAX_K, torch.from_numpy(item_table.rows),
-                             torch.from_numpy(item_table.weights))
+                             torch.from_numpy(item_table.weights),
+                             item_item.decay_of(items.half_life))
     report = export.export_all(ShortTermHead(gpt), text_head, fusion_head, out, n_rows,
                                cfg.d_model, cfg.max_len, tokenizer.vocab_size,
                                LongTermGraph(long_model), LongTermHeadGraph(long_model))
@@ -175,6 +176,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         "default_fusion_mode": fusion_mode,
         "fixed_alpha": fixed_alpha,
         "item_item": {"weight": items.weight, "l2_scale": items.l2_scale, "l2": item_table.l2,
+                      "half_life": items.half_life,
                       "window": HIST_LEN, "config": item_cfg.to_dict(), "validation": items.valid},
         "long_term": {"construction": "model", "half_life": train_cfg.half_life,
                       "profile_items": 30,

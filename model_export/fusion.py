@@ -11,8 +11,9 @@ Three modes, picked at serve time by a one-hot `mode` input of the exported grap
 
 No long-term vector (has_long = 0) -> a = 1: short-term only.
 
-Then the item-item model's scores over the user's recent window (`model_export.item_item`) are
-added with weight `item_item_weight` (chosen on validation; 0 switches them off), whatever the
+Then the item-item model's scores over the user's recent window (`model_export.item_item`,
+recency-weighted by its half-life, a constant of the graph) are added with weight
+`item_item_weight` (chosen on validation; 0 switches them off), whatever the
 mode: they need no long-term vector, only the items the worker's state holds.
 """
 from __future__ import annotations
@@ -64,11 +65,13 @@ class FusionHead(nn.Module):
     """The exported graph: fused vector, alpha and the top-K unseen items."""
 
     def __init__(self, item_emb: torch.Tensor, gate: InterestGate, max_k: int,
-                 neighbour_rows: torch.Tensor, neighbour_weights: torch.Tensor):
+                 neighbour_rows: torch.Tensor, neighbour_weights: torch.Tensor,
+                 neighbour_decay: float = 1.0):
         super().__init__()
         self.register_buffer("item_emb", item_emb.detach().clone())  # (n_rows, D)
         self.register_buffer("neighbour_rows", neighbour_rows.clone())  # (n_rows, K) int64
         self.register_buffer("neighbour_weights", neighbour_weights.clone())  # (n_rows, K)
+        self.register_buffer("neighbour_decay", torch.tensor(float(neighbour_decay)))  # per age
         self.gate = gate
         self.max_k = max_k
 
@@ -85,7 +88,7 @@ class FusionHead(nn.Module):
         fused = alpha * h_s + (1.0 - alpha) * h_l  # (B, D)
         item_scores = item_item_weight * item_item.scores(
             self.neighbour_rows, self.neighbour_weights, hist_rows, hist_mask,
-            self.item_emb.size(0))  # (B, n_rows)
+            self.item_emb.size(0), self.neighbour_decay)  # (B, n_rows)
         scores = fused @ self.item_emb.T + item_scores  # (B, n_rows)
         scores = torch.where(seen_mask > 0.5, torch.full_like(scores, NEG), scores)
         # k is an input, not max_k: onnxruntime's TopK costs ~14x more at 100 than at 10.

@@ -4,8 +4,10 @@ regression (EASE: Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", 
 B minimises ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0 over the binary user x item matrix X
 of the training histories; closed form B = I - P / diag(P), P = (X^T X + l2 I)^-1. Each item
 keeps its `neighbours` strongest successors (a sparse table the fusion graph gathers), and a
-user's score for item i is the sum of B[j, i] over the items j in the user's recent window:
-order-free, full rank, and exact to update per event (the window the worker's state holds).
+user's score for item i is the sum of B[j, i] over the items j in the user's recent window
+(the items the worker's state holds), each weighted 0.5 ** (age / half_life), age 0 for
+the newest: order-free, full rank, and computed per batch, so
+never stale.
 
 Only the `max_items` most chosen items get a row (the inverse is n^2 memory and n^3 time);
 the others keep no neighbours and score only through the GPT.
@@ -24,7 +26,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ItemItemConfig:
     l2_scales: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0)  # l2 = scale x mean diagonal of X^T X
-    weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)  # in fused scores
+    # the weight of the item-item scores beside the GPT's logits (0: off)
+    weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 50.0)
+    half_lives: tuple[float, ...] = (1e9, 50.0, 15.0)  # of the window's items, in items
     neighbours: int = 50
     max_items: int = 20_000
 
@@ -46,8 +50,9 @@ def fit(seqs: list[list[int]], n_rows: int, l2_scale: float, cfg: ItemItemConfig
     """EASE over the histories `seqs` (rows >= 1), sparsified to `cfg.neighbours` per row."""
     counts = np.bincount([r for s in seqs for r in set(s)], minlength=n_rows)
     counts[0] = 0
-    kept = np.flatnonzero(counts)[np.argsort(-counts[np.flatnonzero(counts)], kind="stable")]
-    kept = np.sort(kept[:cfg.max_items])  # the rows that get neighbours
+    chosen = np.flatnonzero(counts)
+    # the rows that get neighbours: the most chosen ones
+    kept = np.sort(chosen[np.argsort(-counts[chosen], kind="stable")][:cfg.max_items])
     index = np.full(n_rows, -1, dtype=np.int64)
     index[kept] = np.arange(len(kept))
     gram = cooccurrence([index[np.unique(np.asarray(s, dtype=np.int64))] for s in seqs],
@@ -91,13 +96,21 @@ def cooccurrence(columns: list[np.ndarray], n: int, max_pairs: int = 1 << 24) ->
     return gram.view(n, n).numpy()
 
 
+def decay_of(half_life: float) -> float:
+    """The factor per item of age."""
+    return 0.5 ** (1.0 / half_life)
+
+
 def scores(table_rows: torch.Tensor, table_w: torch.Tensor, hist_rows: torch.Tensor,
-           hist_mask: torch.Tensor, n_rows: int) -> torch.Tensor:
+           hist_mask: torch.Tensor, n_rows: int, decay: torch.Tensor) -> torch.Tensor:
     """(B, n_rows) item-item scores of the users' windows: (n_rows, K), (n_rows, K),
-    (B, N) rows, (B, N) 1.0 for real entries. What the fusion graph computes."""
-    b = hist_rows.size(0)
+    (B, N) rows left-padded (newest last), (B, N) 1.0 for real entries, () the factor per
+    item of age. What the fusion graph computes."""
+    b, n = hist_rows.shape
+    age = torch.arange(n - 1, -1, -1, dtype=torch.float32)  # (N,) 0 for the newest
+    recency = hist_mask * decay ** age  # (B, N)
     to = table_rows[hist_rows].reshape(b, -1)  # (B, N*K)
-    w = (table_w[hist_rows] * hist_mask.unsqueeze(-1)).reshape(b, -1)  # (B, N*K)
+    w = (table_w[hist_rows] * recency.unsqueeze(-1)).reshape(b, -1)  # (B, N*K)
     return torch.zeros(b, n_rows, dtype=w.dtype).scatter_add(1, to, w)
 
 
@@ -116,9 +129,10 @@ def window_inputs(seqs: list[np.ndarray], window: int) -> tuple[torch.Tensor, to
 class ItemItemChoice:
     table: ItemItemTable
     l2_scale: float
+    half_life: float
     weight: float  # the item-item share of the fused scores
     fixed_alpha: float  # the fixed mode's short-term weight chosen with it
-    valid: dict  # validation NDCG@10 per l2 scale at its best (weight, alpha)
+    valid: dict  # validation NDCG@10 per (l2 scale, half-life) at its best (weight, alpha)
 
 
 def _seen_mask(seen: list[np.ndarray], n_rows: int) -> torch.Tensor:
@@ -140,7 +154,7 @@ def choose(seqs: list[list[int]], n_rows: int, window: int, h_s: torch.Tensor,
            h_l: torch.Tensor, item_emb: torch.Tensor, val_seqs: list[np.ndarray],
            targets: torch.Tensor, seen: list[np.ndarray], cfg: ItemItemConfig,
            max_users: int = 10_000, seed: int = 0) -> ItemItemChoice:
-    """The l2 scale, the item-item weight and the fixed mode's alpha with the best fused
+    """The l2 scale, half-life, item-item weight and the fixed mode's alpha with the best fused
     validation NDCG@10 (alpha * h_s.e + (1 - alpha) * h_l.e + weight * item-item), over a
     seeded sample of `max_users` validation users beyond that many. Weight 0 is a candidate:
     where the item-item model does not help, it is switched off."""
@@ -151,26 +165,38 @@ def choose(seqs: list[list[int]], n_rows: int, window: int, h_s: torch.Tensor,
     best, report = None, {}
     for scale in cfg.l2_scales:
         table = fit(seqs, n_rows, scale, cfg)
-        t_rows, t_w = torch.from_numpy(table.rows), torch.from_numpy(table.weights)
-        gains = torch.zeros(len(cfg.weights), len(alphas))
-        for start in range(0, len(users), 1024):
-            at = users[start:start + 1024]
-            s_s, s_l = h_s[at] @ item_emb.T, h_l[at] @ item_emb.T
-            rows, mask = window_inputs([val_seqs[i] for i in at], window)
-            s_ii = scores(t_rows, t_w, rows, mask, n_rows)
-            at_seen = _seen_mask([seen[i] for i in at], n_rows)
-            for wi, weight in enumerate(cfg.weights):
-                for ai, alpha in enumerate(alphas):
-                    fused = alpha * s_s + (1 - alpha) * s_l + weight * s_ii
-                    gains[wi, ai] += _ndcg_at_10(fused, targets[at], at_seen).sum()
-        gains /= len(users)
-        wi, ai = divmod(int(torch.argmax(gains)), len(alphas))
-        report[f"l2_scale={scale:g}"] = {"fused": round(float(gains[wi, ai]), 4),
-                                         "weight": cfg.weights[wi], "alpha": alphas[ai],
-                                         "without": round(float(gains[0].max()), 4)}
-        log.info("item-item l2 scale %g: fused %.4f at weight %g, alpha %.2f (without %.4f)",
-                 scale, gains[wi, ai], cfg.weights[wi], alphas[ai], gains[0].max())
-        if best is None or gains[wi, ai] > best[0]:
-            best = (float(gains[wi, ai]), table, scale, cfg.weights[wi], alphas[ai])
-    _, table, scale, weight, alpha = best
-    return ItemItemChoice(table, scale, weight, alpha, report)
+        for half_life in cfg.half_lives:
+            gains = _fused_gains(table, half_life, n_rows, window, h_s, h_l, item_emb, val_seqs,
+                                 targets, seen, users, cfg.weights, alphas)
+            wi, ai = divmod(int(torch.argmax(gains)), len(alphas))
+            hl = "inf" if half_life >= 1e8 else f"{half_life:g}"
+            report[f"l2_scale={scale:g},half_life={hl}"] = {
+                "fused": round(float(gains[wi, ai]), 4), "weight": cfg.weights[wi],
+                "alpha": alphas[ai], "without": round(float(gains[0].max()), 4)}
+            log.info("item-item l2 scale %g, half-life %s: fused %.4f at weight %g, alpha %.2f "
+                     "(without %.4f)", scale, hl, gains[wi, ai], cfg.weights[wi], alphas[ai],
+                     gains[0].max())
+            if best is None or gains[wi, ai] > best[0]:
+                best = (float(gains[wi, ai]), table, scale, half_life, cfg.weights[wi], alphas[ai])
+    _, table, scale, half_life, weight, alpha = best
+    return ItemItemChoice(table, scale, half_life, weight, alpha, report)
+
+
+def _fused_gains(table: ItemItemTable, half_life: float, n_rows: int, window: int, h_s, h_l,
+                 item_emb, val_seqs, targets, seen, users: np.ndarray, weights, alphas
+                 ) -> torch.Tensor:
+    """(weights, alphas) mean validation NDCG@10 of the fused scores over `users`."""
+    t_rows, t_w = torch.from_numpy(table.rows), torch.from_numpy(table.weights)
+    decay = torch.tensor(decay_of(half_life))
+    gains = torch.zeros(len(weights), len(alphas))
+    for start in range(0, len(users), 1024):
+        at = users[start:start + 1024]
+        s_s, s_l = h_s[at] @ item_emb.T, h_l[at] @ item_emb.T
+        rows, mask = window_inputs([val_seqs[i] for i in at], window)
+        s_ii = scores(t_rows, t_w, rows, mask, n_rows, decay)
+        at_seen = _seen_mask([seen[i] for i in at], n_rows)
+        for wi, weight in enumerate(weights):
+            for ai, alpha in enumerate(alphas):
+                fused = alpha * s_s + (1 - alpha) * s_l + weight * s_ii
+                gains[wi, ai] += _ndcg_at_10(fused, targets[at], at_seen).sum()
+    return gains / len(users)

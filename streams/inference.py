@@ -226,6 +226,18 @@ class LongTermUpdater:
         return h_l
 
 
+def item_item_scores(table_rows: np.ndarray, table_w: np.ndarray, rows: np.ndarray,
+                     mask: np.ndarray, decay: float, n_rows: int) -> np.ndarray:
+    """(B, n_rows) float32: each row's successors' weights summed over the left-padded window
+    `rows` (B, N), newest last, each item weighted decay ** age (fusion.onnx's sum)."""
+    age = np.arange(rows.shape[1] - 1, -1, -1, dtype=np.float32)  # 0 for the newest
+    recency = mask * np.float32(decay) ** age  # (B, N)
+    to = table_rows[rows] + (np.arange(len(rows)) * n_rows)[:, None, None]  # (B, N, K)
+    w = table_w[rows] * recency[:, :, None]
+    out = np.bincount(to.ravel(), weights=w.ravel(), minlength=len(rows) * n_rows)
+    return out.reshape(len(rows), n_rows).astype(np.float32)
+
+
 @dataclass
 class RecommendationBatch:
     fused: np.ndarray  # (B, D)
@@ -331,14 +343,11 @@ class Recommender:
         (numpy; the offline evaluation ranks every item with it)."""
         if self.neighbours is None:
             self.neighbours = self.bundle.item_neighbours()
-        table_rows, table_w = self.neighbours
+        half_life = float(self.bundle.manifest.get("item_item", {}).get("half_life", 1e9))
         rows, mask = pad_left(sequences, 10_000)
-        n = self.bundle.items.n_rows
-        to = table_rows[rows] + (np.arange(len(rows)) * n)[:, None, None]  # (B, N, K)
-        w = table_w[rows] * mask[:, :, None]
-        out = np.bincount(to.ravel(), weights=w.ravel(), minlength=len(rows) * n)
         factor = self.fuser.item_item_weight if weight is None else weight
-        return (factor * out.reshape(len(rows), n)).astype(np.float32)
+        return factor * item_item_scores(*self.neighbours, rows, mask, 0.5 ** (1.0 / half_life),
+                                         self.bundle.items.n_rows)
 
     def seen_mask(self, seen: Sequence[Sequence[int]]) -> np.ndarray:
         """(B, n_rows) 1.0 for each user's seen rows and for row 0 (padding, never an item)."""

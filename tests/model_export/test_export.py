@@ -46,7 +46,7 @@ def test_padding_does_not_change_a_users_vector(tmp_path):
 def test_fusion_parity_and_ranges(tmp_path):
     torch.manual_seed(0)
     item_emb = torch.randn(80, 16)
-    head = FusionHead(item_emb, InterestGate(16), 10, *_neighbours(80))
+    head = FusionHead(item_emb, InterestGate(16), 10, *_neighbours(80), neighbour_decay=0.9)
     cases = fusion_cases(80, 16, max_k=10)
     path = export(head, cases["B4xN10m2"], FUSION, tmp_path / "fu.onnx")
     assert validate(head, path, FUSION, cases) == []

@@ -51,10 +51,15 @@ def test_scores_sum_the_windows_successors():
     w = torch.tensor([[0.0, 0.0], [0.5, 0.25], [1.0, 2.0]])
     hist, mask = item_item.window_inputs([np.array([1]), np.array([2, 1, 2]), np.array([])], 2)
     assert hist.tolist() == [[0, 1], [1, 2], [0, 0]]
-    out = item_item.scores(rows, w, hist, mask, 3)
+    out = item_item.scores(rows, w, hist, mask, 3, torch.tensor(1.0))
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.5, 0.25],
                                                   [0.0, 0.5, 3.25],
                                                   [0.0, 0.0, 0.0]]))
+    # half-life 1: the newest item counts in full, the one before it half
+    decayed = item_item.scores(rows, w, hist, mask, 3, torch.tensor(item_item.decay_of(1.0)))
+    torch.testing.assert_close(decayed, torch.tensor([[0.0, 0.5, 0.25],
+                                                      [0.0, 0.25, 0.125 + 3.0],
+                                                      [0.0, 0.0, 0.0]]))
 
 
 def test_the_choice_switches_the_model_off_where_it_does_not_help():
@@ -83,3 +88,18 @@ def test_cooccurrence_is_xtx_whatever_the_batching():
         x[i, cols[cols >= 0]] = 1.0
     for max_pairs in (1, 7, 1 << 24):  # a flush after every row, every few rows, once
         np.testing.assert_array_equal(item_item.cooccurrence(columns, 9, max_pairs), x.T @ x)
+
+
+def test_the_runtimes_numpy_scores_are_the_graphs():
+    """`streams.inference.item_item_scores` (the offline ranking) computes what
+    `item_item.scores` (exported in fusion.onnx) does, decay included."""
+    from streams.inference import item_item_scores
+
+    table = item_item.fit(_seqs(), 12, 1.0, ItemItemConfig(neighbours=3))
+    hist, mask = item_item.window_inputs([np.array([1, 2, 3]), np.array([4]), np.array([5, 5])], 4)
+    for half_life in (1e9, 2.0):
+        decay = item_item.decay_of(half_life)
+        expected = item_item.scores(torch.from_numpy(table.rows), torch.from_numpy(table.weights),
+                                    hist, mask, 12, torch.tensor(decay))
+        got = item_item_scores(table.rows, table.weights, hist.numpy(), mask.numpy(), decay, 12)
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
