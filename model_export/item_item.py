@@ -20,6 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from streams.inference import pad_left
+
+from .train_long_term import ndcg_gains, seen_mask
+
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +76,7 @@ def fit(seqs: list[list[int]], n_rows: int, l2_scale: float, cfg: ItemItemConfig
     table_w = np.zeros((n_rows, k), dtype=np.float32)
     for start in range(0, len(kept), 2048):  # the strongest k per row, a block at a time
         block = b[start:start + 2048]
-        top = np.argpartition(-block, k - 1, axis=1)[:, :k] if len(kept) > k else \
-            np.tile(np.arange(len(kept)), (len(block), 1))
+        top = np.argpartition(-block, k - 1, axis=1)[:, :k]
         table_rows[kept[start:start + 2048]] = kept[top]
         table_w[kept[start:start + 2048]] = np.take_along_axis(block, top, axis=1)
     return ItemItemTable(table_rows, table_w, l2)
@@ -84,15 +87,20 @@ def cooccurrence(columns: list[np.ndarray], n: int, max_pairs: int = 1 << 24) ->
     each row's column pairs: time and memory follow the interactions, not users x items."""
     gram = torch.zeros(n * n, dtype=torch.float32)
     batch, pairs = [], 0
-    for cols in columns + [None]:  # None: flush the last batch
-        if cols is not None:
-            cols = cols[cols >= 0]
-            batch.append((cols[:, None] * n + cols[None, :]).ravel())
-            pairs += len(cols) ** 2
-        if batch and (cols is None or pairs >= max_pairs):
-            flat = torch.from_numpy(np.concatenate(batch))
-            gram.index_put_((flat,), torch.ones(len(flat)), accumulate=True)
+
+    def add(batch):
+        flat = torch.from_numpy(np.concatenate(batch))
+        gram.index_put_((flat,), torch.ones(len(flat)), accumulate=True)
+
+    for cols in columns:
+        cols = cols[cols >= 0]
+        batch.append((cols[:, None] * n + cols[None, :]).ravel())
+        pairs += len(cols) ** 2
+        if pairs >= max_pairs:
+            add(batch)
             batch, pairs = [], 0
+    if batch:
+        add(batch)
     return gram.view(n, n).numpy()
 
 
@@ -114,17 +122,6 @@ def scores(table_rows: torch.Tensor, table_w: torch.Tensor, hist_rows: torch.Ten
     return torch.zeros(b, n_rows, dtype=w.dtype).scatter_add(1, to, w)
 
 
-def window_inputs(seqs: list[np.ndarray], window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence's newest `window` rows, left-padded, and their mask."""
-    rows = np.zeros((len(seqs), window), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        tail = np.asarray(s[-window:], dtype=np.int64)
-        if len(tail):
-            rows[i, window - len(tail):] = tail
-    rows_t = torch.from_numpy(rows)
-    return rows_t, (rows_t > 0).float()
-
-
 @dataclass
 class ItemItemChoice:
     table: ItemItemTable
@@ -133,20 +130,6 @@ class ItemItemChoice:
     weight: float  # the item-item share of the fused scores
     fixed_alpha: float  # the fixed mode's short-term weight chosen with it
     valid: dict  # validation NDCG@10 per (l2 scale, half-life) at its best (weight, alpha)
-
-
-def _seen_mask(seen: list[np.ndarray], n_rows: int) -> torch.Tensor:
-    mask = torch.zeros(len(seen), n_rows, dtype=torch.bool)
-    mask[:, 0] = True
-    for i, rows in enumerate(seen):
-        mask[i, torch.from_numpy(rows)] = True
-    return mask
-
-
-def _ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    scores = scores.masked_fill(seen, -1e30)
-    rank = 1 + (scores > scores.gather(1, targets[:, None])).sum(1)
-    return torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), 0.0)
 
 
 @torch.no_grad()
@@ -192,11 +175,11 @@ def _fused_gains(table: ItemItemTable, half_life: float, n_rows: int, window: in
     for start in range(0, len(users), 1024):
         at = users[start:start + 1024]
         s_s, s_l = h_s[at] @ item_emb.T, h_l[at] @ item_emb.T
-        rows, mask = window_inputs([val_seqs[i] for i in at], window)
+        rows, mask = (torch.from_numpy(a) for a in pad_left([val_seqs[i] for i in at], window))
         s_ii = scores(t_rows, t_w, rows, mask, n_rows, decay)
-        at_seen = _seen_mask([seen[i] for i in at], n_rows)
+        at_seen = seen_mask([seen[i] for i in at], n_rows)
         for wi, weight in enumerate(weights):
             for ai, alpha in enumerate(alphas):
                 fused = alpha * s_s + (1 - alpha) * s_l + weight * s_ii
-                gains[wi, ai] += _ndcg_at_10(fused, targets[at], at_seen).sum()
+                gains[wi, ai] += ndcg_gains(fused, targets[at], at_seen).sum()
     return gains / len(users)

@@ -71,13 +71,25 @@ def ndcg_at_10(h: torch.Tensor, item_emb: torch.Tensor, targets: torch.Tensor,
     gains = []
     for start in range(0, len(h), chunk):
         scores = h[start:start + chunk] @ item_emb.T  # (chunk, n_rows)
-        scores[:, 0] = NEG_INF
-        for i, rows in enumerate(seen[start:start + chunk]):
-            scores[i, torch.from_numpy(rows)] = NEG_INF
-        target = scores.gather(1, targets[start:start + chunk, None])
-        rank = 1 + (scores > target).sum(1)
-        gains.append(torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), 0.0))
+        mask = seen_mask(seen[start:start + chunk], scores.size(1))
+        gains.append(ndcg_gains(scores, targets[start:start + chunk], mask))
     return float(torch.cat(gains).mean())
+
+
+def seen_mask(seen: list[np.ndarray], n_rows: int) -> torch.Tensor:
+    """(U, n_rows) True for each user's seen rows and for row 0 (padding): never ranked."""
+    mask = torch.zeros(len(seen), n_rows, dtype=torch.bool)
+    mask[:, 0] = True
+    for i, rows in enumerate(seen):
+        mask[i, torch.from_numpy(rows)] = True
+    return mask
+
+
+def ndcg_gains(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(U,) each user's NDCG@10 of `targets` under `scores` (U, n_rows), masked rows excluded."""
+    scores = scores.masked_fill(mask, NEG_INF)
+    rank = 1 + (scores > scores.gather(1, targets[:, None])).sum(1)
+    return torch.where(rank <= 10, 1.0 / torch.log2(rank.float() + 1), 0.0)
 
 
 NEG_INF = -1e30
@@ -179,7 +191,6 @@ def best_fixed_alpha(h_s: torch.Tensor, h_l: torch.Tensor, item_emb: torch.Tenso
 @dataclass
 class LongTermChoice:
     model: LongTermModel
-    fixed_alpha: float
     valid: dict  # validation NDCG@10 of each candidate and of the GPT alone
     seconds: float
     epochs: int  # the chosen one's best epoch: what the refit on everything known runs
@@ -205,8 +216,8 @@ def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
             log.info("long-term %s: alone %.4f, fused %.4f at alpha %.2f (gpt %.4f)",
                      _describe(cfg), alone, fused, alpha, gpt_only)
             if best is None or fused > best[0]:
-                best = (fused, model, alpha, epochs)
-    return LongTermChoice(best[1], best[2], report, round(time.time() - started, 1), best[3])
+                best = (fused, model, epochs)
+    return LongTermChoice(best[1], report, round(time.time() - started, 1), best[2])
 
 
 def refit_tower(choice: LongTermChoice, text_emb: torch.Tensor, item_emb: torch.Tensor,

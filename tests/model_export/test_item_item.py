@@ -4,6 +4,7 @@ import torch
 
 from model_export import item_item
 from model_export.item_item import ItemItemConfig
+from streams.inference import pad_left
 
 
 def _dense_ease(seqs, n_rows, l2):
@@ -49,7 +50,8 @@ def test_rows_beyond_max_items_get_no_successors():
 def test_scores_sum_the_windows_successors():
     rows = torch.tensor([[0, 0], [1, 2], [2, 2]])
     w = torch.tensor([[0.0, 0.0], [0.5, 0.25], [1.0, 2.0]])
-    hist, mask = item_item.window_inputs([np.array([1]), np.array([2, 1, 2]), np.array([])], 2)
+    hist, mask = (torch.from_numpy(a) for a in
+                  pad_left([np.array([1]), np.array([2, 1, 2]), np.array([])], 2))
     assert hist.tolist() == [[0, 1], [1, 2], [0, 0]]
     out = item_item.scores(rows, w, hist, mask, 3, torch.tensor(1.0))
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.5, 0.25],
@@ -96,7 +98,8 @@ def test_the_runtimes_numpy_scores_are_the_graphs():
     from streams.inference import item_item_scores
 
     table = item_item.fit(_seqs(), 12, 1.0, ItemItemConfig(neighbours=3))
-    hist, mask = item_item.window_inputs([np.array([1, 2, 3]), np.array([4]), np.array([5, 5])], 4)
+    hist, mask = (torch.from_numpy(a) for a in
+                  pad_left([np.array([1, 2, 3]), np.array([4]), np.array([5, 5])], 4))
     for half_life in (1e9, 2.0):
         decay = item_item.decay_of(half_life)
         expected = item_item.scores(torch.from_numpy(table.rows), torch.from_numpy(table.weights),
