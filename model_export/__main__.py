@@ -33,7 +33,8 @@ def _dataset(args):
 
 def cmd_build(args) -> int:
     from .build import build
-    from .evaluate import print_table
+    from .evaluate import default_rows_for, print_table
+    from .item_item import ItemItemConfig
     from .train import TrainConfig
     from .train_long_term import LongTermTrainConfig
 
@@ -41,17 +42,21 @@ def cmd_build(args) -> int:
     long_train = LongTermTrainConfig(seed=args.seed)
     gpt = {}
     long_cfg = {"window": args.long_window, "n_layer": args.long_layers}
+    item_cfg, rows = ItemItemConfig(), None
     if args.quick:
         cfg.epochs, cfg.fusion_epochs, cfg.gate_epochs = 4, 1, 4
         long_train.max_epochs, long_train.half_lives, long_train.use_text = 2, (1e9,), (True,)
+        item_cfg = ItemItemConfig(l2_scales=(4.0,), half_lives=(15.0,))
+        rows = tuple(r for r in default_rows_for(args.long_layers) if r != "bert_text")
     if args.epochs is not None:
         cfg.epochs = args.epochs
-    cfg.refit = not args.no_refit
+    cfg.refit = not (args.no_refit or args.quick)
     if args.half_life is not None:
         cfg.half_life = args.half_life
     started = time.time()
     manifest = build(_dataset(args), Path(args.out), gpt, cfg, fusion_mode=args.fusion_mode,
-                     long_cfg=long_cfg, long_train=long_train)
+                     long_cfg=long_cfg, long_train=long_train, item_cfg=item_cfg,
+                     evaluate_rows=rows)
     print(f"bundle {manifest['version']} -> {args.out} in {time.time() - started:.1f}s")
     items = manifest["items"]
     print(f"ranking over {items['ranked']} items"
@@ -112,7 +117,7 @@ def cmd_quality(args) -> int:
 
     dataset = _dataset(args)
     out = Path(args.out or f"artifacts/quality-{dataset.name}")
-    result = quality(dataset, args.seeds, out)
+    result = quality(dataset, args.seeds, out, rebuild=not args.reuse)
     path = Path(args.json or f"{out}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -120,6 +125,9 @@ def cmd_quality(args) -> int:
     for name, m in result["ndcg@10"].items():
         print(f"{name:<18} NDCG@10 {m['mean']:.4f} ± {m['std']:.4f}")
     print(f"best fused: {result['best_fused']} ({result['best_fused_gain_vs_gpt']:+.1%} vs gpt)")
+    for name, p in result["paired_vs_gpt_pooled"].items():
+        print(f"{name} vs gpt, per user over the seeds' mean: {p['gain']:+.1%} "
+              f"(95% CI {p['ci95'][0]:+.1%} .. {p['ci95'][1]:+.1%})")
     return 0
 
 
@@ -136,7 +144,10 @@ def main(argv=None) -> int:
     b.add_argument("--catalog", help="item catalog (CSV/JSONL item_id,text) for a generic log")
     b.add_argument("--out", default=str(settings.bundle_dir))
     b.add_argument("--epochs", type=int)
-    b.add_argument("--quick", action="store_true", help="a few epochs: a bundle in under a minute")
+    b.add_argument("--quick", action="store_true",
+                   help="a bundle in under a minute: a few epochs, one item-item setting, no "
+                        "refit on train+validation, and the build's evaluation without the "
+                        "text-profile row (bert_text)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-refit", action="store_true",
                    help="serve the models the choices were made with (trained without each "
@@ -193,6 +204,8 @@ def main(argv=None) -> int:
     q.add_argument("--catalog", help="item catalog (CSV/JSONL item_id,text) for a generic log")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--out", help="bundles go here (default: artifacts/quality-DATASET)")
+    q.add_argument("--reuse", action="store_true",
+                   help="re-read the bundles already in --out instead of building them")
     q.add_argument("--json", help="results (default: the --out folder's name + .json)")
     q.set_defaults(func=cmd_quality)
     for p in (b, q):

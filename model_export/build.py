@@ -73,8 +73,10 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
           train_cfg: train.TrainConfig | None = None, fusion_mode: str = "fixed",
           fixed_alpha: float | None = None, evaluate_after: bool = True,
           long_cfg: dict | None = None, long_train: tlt.LongTermTrainConfig | None = None,
-          item_cfg: item_item.ItemItemConfig | None = None) -> dict:
-    """Train everything on `dataset`'s training split and write a bundle into `out`."""
+          item_cfg: item_item.ItemItemConfig | None = None,
+          evaluate_rows: tuple[str, ...] | None = None) -> dict:
+    """Train everything on `dataset`'s training split and write a bundle into `out`; with
+    `evaluate_after`, score it on the test split (`evaluate_rows`, default all)."""
     started = time.time()
     train_cfg = train_cfg or train.TrainConfig()
     long_train = long_train or tlt.LongTermTrainConfig(seed=train_cfg.seed,
@@ -196,7 +198,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         from .evaluate import evaluate
 
         release_freed_memory()
-        metrics = evaluate(out, dataset, progress=train_cfg.progress)
+        metrics = evaluate(out, dataset, progress=train_cfg.progress, rows=evaluate_rows)
         manifest["metrics"] = metrics["models"]
         manifest["paired_vs_gpt"] = metrics["paired_vs_gpt"]
         manifest["evaluation_protocol"] = metrics["protocol"]

@@ -65,14 +65,23 @@ class Protocol:
         return sorted(set(history[-int(n):]))
 
 
+def _n_layer(bundle) -> int:
+    return int(bundle.manifest.get("long_term", {}).get("model", {}).get("n_layer", 0))
+
+
 def long_row_name(bundle) -> str:
-    model = bundle.manifest.get("long_term", {}).get("model", {})
-    return "long_bert" if int(model.get("n_layer", 0)) > 0 else "long_pooled"
+    return "long_bert" if _n_layer(bundle) > 0 else "long_pooled"
+
+
+def default_rows_for(n_layer: int) -> tuple[str, ...]:
+    """Every row, for a bundle whose long-term model has `n_layer` encoder layers."""
+    long_row = "long_bert" if n_layer > 0 else "long_pooled"
+    return ("popularity", "gpt", long_row, "item_item", "gpt_item_item", *FUSED, "bert",
+            "bert_text")
 
 
 def default_rows(bundle) -> tuple[str, ...]:
-    return ("popularity", "gpt", long_row_name(bundle), "item_item", "gpt_item_item", *FUSED,
-            "bert", "bert_text")
+    return default_rows_for(_n_layer(bundle))
 
 
 def ranks_from_scores(scores: np.ndarray, targets: np.ndarray, seen: list[list[int]]) -> np.ndarray:
@@ -139,7 +148,10 @@ def long_inputs(lt: LongTermEncoder, histories, lags, update: bool):
 
 def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 256,
              fixed_alpha: float | None = None, progress: bool = True,
-             rows: tuple[str, ...] | None = None, protocol: Protocol = Protocol()) -> dict:
+             rows: tuple[str, ...] | None = None, protocol: Protocol = Protocol(),
+             keep_ranks: bool = False) -> dict:
+    """Every row's metrics on the test split; with `keep_ranks`, also each fully scored row's
+    rank per test case (`"ranks"`, in case order) for pairing across runs."""
     bundle = load_bundle(bundle_dir)
     rows = rows or default_rows(bundle)
     rec = Recommender(bundle, threads=2)
@@ -194,7 +206,9 @@ def evaluate(bundle_dir: str | Path, dataset: data.Dataset, batch_size: int = 25
         bar.update(len(batch))
     bar.close()
     n_items = bundle.items.n_rows - 1
-    return {
+    kept = ({"ranks": {name: [ranks[name][i] for i in range(len(cases))] for name in rows
+                       if len(ranks[name]) == len(cases)}} if keep_ranks else {})
+    return {**kept,
         "dataset": dataset.name,
         "bundle": bundle.version,
         "n_users": len(cases),
@@ -241,14 +255,29 @@ def _plan(name: str, alpha: float, lt: LongTermEncoder, histories, model_vecs, u
     raise data.DataError(f"unknown evaluation row {name!r}")
 
 
+def _ndcg_gains(ranks) -> np.ndarray:
+    return np.array([1.0 / math.log2(r + 1) if r <= K else 0.0 for r in ranks])
+
+
 def paired_gain(ranks: list[int], base: list[int]) -> dict:
     """Mean per-user NDCG@10 difference against `base`, relative to base's mean, with a 95 %
     normal interval over users."""
-    def gains(rs):
-        return np.array([1.0 / math.log2(r + 1) if r <= K else 0.0 for r in rs])
+    return _relative_interval(_ndcg_gains(ranks), _ndcg_gains(base))
 
-    diff = gains(ranks) - gains(base)
-    mean_base = float(gains(base).mean()) or 1e-12
+
+def pooled_paired_gain(runs: list[tuple[list[int], list[int]]]) -> dict:
+    """`paired_gain` of the mean over runs (e.g. seeds): each user's NDCG@10 is averaged over
+    the runs' (ranks, base) first, so the interval over users is the one of the runs' mean."""
+    if len({len(r) for pair in runs for r in pair}) != 1:
+        raise ValueError("pooled_paired_gain: every run must rank the same users")
+    gains = np.mean([_ndcg_gains(r) for r, _ in runs], axis=0)
+    base = np.mean([_ndcg_gains(b) for _, b in runs], axis=0)
+    return _relative_interval(gains, base)
+
+
+def _relative_interval(gains: np.ndarray, base: np.ndarray) -> dict:
+    diff = gains - base
+    mean_base = float(base.mean()) or 1e-12
     half = 1.96 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
     return {"gain": round(float(diff.mean()) / mean_base, 4),
             "ci95": [round((float(diff.mean()) - half) / mean_base, 4),

@@ -7,15 +7,24 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from streams.bundle import load_bundle
+
 from . import data
 from .build import build
+from .evaluate import evaluate, pooled_paired_gain
 from .train import TrainConfig
 
+FUSED_ROWS = ("fused_fixed", "fused_gate")
 
-def quality(dataset: data.Dataset, seeds: list[int], out_dir: Path) -> dict:
+
+def quality(dataset: data.Dataset, seeds: list[int], out_dir: Path, rebuild: bool = True
+            ) -> dict:
+    """Build (or with `rebuild=False` re-read) one bundle per seed under `out_dir`."""
     runs = {}
     for seed in seeds:
-        manifest = build(dataset, out_dir / f"seed{seed}", train_cfg=TrainConfig(seed=seed, progress=False))
+        manifest = (build(dataset, out_dir / f"seed{seed}",
+                          train_cfg=TrainConfig(seed=seed, progress=False)) if rebuild
+                    else load_bundle(out_dir / f"seed{seed}").manifest)
         runs[seed] = {name: m["ndcg@10"] for name, m in manifest["metrics"].items()}
         runs[seed]["build_seconds"] = manifest["build_seconds"]
         runs[seed]["fixed_alpha"] = manifest["fixed_alpha"]
@@ -33,4 +42,14 @@ def quality(dataset: data.Dataset, seeds: list[int], out_dir: Path) -> dict:
     gain = fused[best] / summary["gpt"]["mean"] - 1.0
     return {"dataset": dataset.name, "seeds": seeds, "ndcg@10": summary, "runs": runs,
             "best_fused": best, "best_fused_gain_vs_gpt": round(gain, 4),
-            "best_fused_paired_by_seed": {s: runs[s]["paired_vs_gpt"].get(best) for s in seeds}}
+            "best_fused_paired_by_seed": {s: runs[s]["paired_vs_gpt"].get(best) for s in seeds},
+            "paired_vs_gpt_pooled": pooled_vs_gpt([out_dir / f"seed{s}" for s in seeds], dataset)}
+
+
+def pooled_vs_gpt(bundle_dirs: list[Path], dataset: data.Dataset) -> dict:
+    """Each fused row against the GPT over the bundles' mean: per user, NDCG@10 averaged over
+    the bundles (seeds), then one paired 95 % interval over users."""
+    results = [evaluate(d, dataset, rows=("gpt", *FUSED_ROWS), progress=False, keep_ranks=True)
+               for d in bundle_dirs]
+    return {name: pooled_paired_gain([(r["ranks"][name], r["ranks"]["gpt"]) for r in results])
+            for name in FUSED_ROWS}

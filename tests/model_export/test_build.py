@@ -129,3 +129,23 @@ def test_the_text_profile_row_on_a_sample_scores_those_users_as_all_would(quick_
     assert alone["n_users"] == 12 and alone["protocol"]["users_per_row"]["bert_text"] == 12
     assert sampled["models"]["bert_text"] == pytest.approx(alone["models"]["bert_text"], abs=1e-9)
     assert sampled["paired_vs_gpt"]["bert_text"] == alone["paired_vs_gpt"]["bert_text"]
+
+
+def test_quick_builds_one_item_item_setting_without_refit_or_the_text_profile_row(
+        monkeypatch, tmp_path):
+    import model_export.build
+    from model_export.__main__ import main
+
+    seen = {}
+
+    def fake_build(dataset, out, gpt_cfg, cfg, **kw):
+        seen.update(kw, refit=cfg.refit)
+        return {"version": "v", "items": {"ranked": 1, "never_in_log": 0}, "metrics": {}}
+
+    monkeypatch.setattr(model_export.build, "build", fake_build)
+    assert main(["build", "--data", "synthetic", "--quick", "--out", str(tmp_path)]) == 0
+    grid = seen["item_cfg"]
+    assert len(grid.l2_scales) * len(grid.half_lives) == 1 and not seen["refit"]
+    assert "bert_text" not in seen["evaluate_rows"] and "fused_fixed" in seen["evaluate_rows"]
+    assert main(["build", "--data", "synthetic", "--out", str(tmp_path)]) == 0
+    assert seen["evaluate_rows"] is None and seen["refit"]
