@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .gpt import ItemGPT
@@ -36,6 +37,7 @@ class LongTermTrainConfig:
     weight_decay: float = 0.01
     half_lives: tuple[float, ...] = (1e9, 50.0)  # candidates (items), picked on validation
     use_text: tuple[bool, ...] = (True, False)  # text input on or off, picked on validation
+    ema_decay: float | None = 0.95  # per step; validated and served: the weights' moving mean
     seed: int = 0
     progress: bool = True
 
@@ -131,7 +133,8 @@ def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Ten
                 ) -> tuple[LongTermModel, float, int]:
     """Next-item training of one configuration with early stopping on validation NDCG@10 of
     the tower alone; returns (best model, its validation NDCG@10, its epoch). Without `val`
-    (the refit on everything known) it runs `tcfg.max_epochs` and keeps the last."""
+    (the refit on everything known) it runs `tcfg.max_epochs` and keeps the last. With
+    `tcfg.ema_decay` the model validated and returned is the moving mean of the weights."""
     torch.manual_seed(tcfg.seed)
     model = LongTermModel(cfg, text_emb)
     examples = train_examples(seqs)
@@ -139,6 +142,9 @@ def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Ten
     gen = np.random.default_rng(tcfg.seed)
     best, best_state, best_epoch, epoch = -1.0, None, 0, 0
     item_emb = item_emb.detach()
+    ema = None if tcfg.ema_decay is None else AveragedModel(
+        model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
+    served = model if ema is None else ema.module  # what is validated and returned
     for epoch in range(1, tcfg.max_epochs + 1):
         model.train()
         order = gen.permutation(len(examples))[:tcfg.epoch_examples]
@@ -154,18 +160,21 @@ def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Ten
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             bar.update(len(ex))
         bar.close()
         if val is None:
             continue
-        score = ndcg_at_10(val.h_l(model), item_emb, val.targets, val.seen)
+        score = ndcg_at_10(val.h_l(served), item_emb, val.targets, val.seen)
         log.info("long-term %s epoch %d: validation NDCG@10 %.4f", _describe(cfg), epoch, score)
         if score > best:
             best, best_epoch = score, epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.clone() for k, v in served.state_dict().items()}
         elif epoch - best_epoch >= tcfg.patience:
             break
     if val is None:
+        model.load_state_dict(served.state_dict())
         return model.eval(), float("nan"), epoch
     model.load_state_dict(best_state)
     return model.eval(), best, best_epoch
@@ -199,8 +208,10 @@ class LongTermChoice:
 def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
                      seqs: list[list[int]], val: Validation, tcfg: LongTermTrainConfig
                      ) -> LongTermChoice:
-    """Train each candidate configuration; keep the one whose fused validation NDCG@10 (at its
-    best fixed weight) is highest. The fused score is what is served, so it is what decides."""
+    """Train each candidate configuration; keep the one with the best validation NDCG@10
+    alone (its fused score with the GPT is reported beside it). The fused scores of the
+    candidates differ by less than their noise, and picking by them served towers stopped
+    after one epoch; the weights that fuse it are chosen afterwards on the fused score."""
     started = time.time()
     item_emb = gpt.item_embeddings.detach()
     arrays = [np.asarray(s, np.int64) for s in seqs]
@@ -215,8 +226,8 @@ def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
                                       "alpha": alpha, "epochs": epochs}
             log.info("long-term %s: alone %.4f, fused %.4f at alpha %.2f (gpt %.4f)",
                      _describe(cfg), alone, fused, alpha, gpt_only)
-            if best is None or fused > best[0]:
-                best = (fused, model, epochs)
+            if best is None or alone > best[0]:
+                best = (alone, model, epochs)
     return LongTermChoice(best[1], report, round(time.time() - started, 1), best[2])
 
 
