@@ -228,7 +228,7 @@ def cmd_forget(settings: Settings, args) -> int:
     ensure_topics(settings, bootstrap)
     prod = producer(settings, bootstrap)
     prod.produce(settings.topic_control, key=args.user_id.encode(),
-                 value=forget_record(args.user_id, args.requester))
+                 value=forget_record(args.user_id, args.requester, settings.control_secret))
     undelivered = prod.flush(30)
     result = {"user_id": args.user_id, "requester": args.requester,
               "control_sent": undelivered == 0, "control_topic": settings.topic_control}

@@ -17,7 +17,7 @@ FUSION_MODES = ("fixed", "attention", "gate")
 PROCESSING_GUARANTEES = ("at_least_once", "exactly_once")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVENT_WEIGHTS = "click:1.0,view:0.5,rating:1.0,purchase:1.5"
-SECRET_FIELDS = ("kafka_sasl_password", "redis_password", "dashboard_token")
+SECRET_FIELDS = ("kafka_sasl_password", "redis_password", "dashboard_token", "control_secret")
 
 
 def _default_data_dir() -> Path:
@@ -93,6 +93,9 @@ class Settings:
     dashboard_host: str = "127.0.0.1"  #: DASHBOARD_HOST
     dashboard_port: int = 8050  #: DASHBOARD_PORT
     dashboard_token: str | None = None  #: DASHBOARD_TOKEN: required when not on loopback
+    #: CONTROL_SECRET: when set, a forget on the control topic must carry its HMAC-SHA256
+    #: signature (`python -m streams forget` signs with it); unsigned ones are dead-lettered
+    control_secret: str | None = None
     log_level: str = "INFO"  #: LOG_LEVEL
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,6 +28,7 @@ MIN_TS_MS = 100_000_000_000
 DLQ_PAYLOAD_CAP = 64 * 1024
 DLQ_KEY_CAP = 1024
 DLQ_HEADERS_CAP = 64 * 1024
+HEADER_FRAMING = 10  # a header's two length varints, counted generously
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,13 +202,14 @@ def dlq_key(key: bytes | None) -> bytes | None:
 
 def dlq_headers(headers: Sequence | None) -> list[tuple[str, bytes]] | None:
     """The input's headers for the dead-letter record; dropped past DLQ_HEADERS_CAP bytes in
-    all (the record's `detail` does not say so: the source offset still has them)."""
+    all, each header counted with its framing, so that a flood of empty headers is bounded
+    too (the record's `detail` does not say so: the source offset still has them)."""
     if not headers:
         return None
     out = [(str(name), bytes(value) if value is not None else b"") for name, value in headers]
-    if sum(len(name) + len(value) for name, value in out) > DLQ_HEADERS_CAP:
-        return None
-    return out
+    size = sum(len(name.encode("utf-8", "replace")) + len(value) + HEADER_FRAMING
+               for name, value in out)
+    return out if size <= DLQ_HEADERS_CAP else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,11 +220,14 @@ class Forget:
     requester: str
 
 
-def parse_control(raw: bytes | None) -> Forget | Rejection:
-    """A record of the control topic: {"control": "forget", "user_id": U, "requester": R}.
+def parse_control(raw: bytes | None, secret: str | None = None) -> Forget | Rejection:
+    """A record of the control topic: {"control": "forget", "user_id": U, "requester": R}, and
+    with a `secret` its "signature" (`control_signature`).
 
     Control records come only from the control topic (TOPIC_CONTROL), whose write access is
-    meant for the privacy tooling alone: an `events` record is always read as an event.
+    meant for the privacy tooling alone: an `events` record is always read as an event. The
+    signature keeps event producers from erasing users where that topic's ACL is missing or
+    shared credentials let them write it anyway.
     """
     if not raw:
         return Rejection("invalid_control", "the control record has no value")
@@ -237,8 +243,26 @@ def parse_control(raw: bytes | None) -> Forget | Rejection:
     if user is None:
         return Rejection("invalid_control", _id_rejection("user_id", obj.get("user_id")).detail)
     requester = obj.get("requester")
-    return Forget(user, requester[:200] if isinstance(requester, str) and requester else "unknown")
+    requester = requester if isinstance(requester, str) and requester else "unknown"
+    if secret:
+        signature = obj.get("signature")
+        if not isinstance(signature, str):
+            return Rejection("unsigned_control", "CONTROL_SECRET is set: a forget must be signed "
+                                                 "(python -m streams forget signs it)")
+        if not hmac.compare_digest(signature, control_signature(secret, user, requester)):
+            return Rejection("bad_signature", "the forget's signature does not match its user "
+                                              "and requester under CONTROL_SECRET")
+    return Forget(user, requester[:200])
 
 
-def forget_record(user_id: str, requester: str = "unknown") -> bytes:
-    return orjson.dumps({"control": "forget", "user_id": user_id, "requester": requester})
+def control_signature(secret: str, user_id: str, requester: str) -> str:
+    """HMAC-SHA256 (hex) of the forget's user and requester under `secret`."""
+    message = orjson.dumps(["forget", user_id, requester])
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def forget_record(user_id: str, requester: str = "unknown", secret: str | None = None) -> bytes:
+    record = {"control": "forget", "user_id": user_id, "requester": requester}
+    if secret:
+        record["signature"] = control_signature(secret, user_id, requester)
+    return orjson.dumps(record)

@@ -72,7 +72,9 @@ def settings_env(settings: Settings) -> dict:
     for key, value in settings.public_dict().items():
         if value is not None and key not in ("data_dir",):
             env[key.upper()] = str(value)
-    for secret in ("kafka_sasl_password", "redis_password", "dashboard_token"):
+    from streams.config import SECRET_FIELDS
+
+    for secret in SECRET_FIELDS:
         if getattr(settings, secret):
             env[secret.upper()] = getattr(settings, secret)
     if settings.redis_url:

@@ -114,6 +114,9 @@ def test_dlq_key_and_headers_are_bounded():
     assert dlq_key(None) is None and dlq_key(b"k") == b"k" and len(dlq_key(b"k" * 5000)) == 1024
     assert dlq_headers([("trace", b"1"), ("n", None)]) == [("trace", b"1"), ("n", b"")]
     assert dlq_headers([("big", b"x" * 70_000)]) is None and dlq_headers(None) is None
+    # empty headers weigh their framing: a flood of them cannot push the record past 1 MB
+    assert dlq_headers([("", b"")] * 100) is not None
+    assert dlq_headers([("", b"")] * 300_000) is None
 
 
 def test_routing_wants_the_user_id_as_key_in_its_murmur2_partition():
@@ -139,3 +142,19 @@ def test_control_records_parse_or_say_why_not():
                 b'{"control": "forget", "user_id": "  "}', b"x" * 5000):
         result = parse_control(bad)
         assert isinstance(result, Rejection) and result.reason == "invalid_control", bad
+
+
+def test_with_a_secret_only_a_forget_signed_for_its_user_and_requester_is_accepted():
+    import orjson
+
+    from streams.events import Forget, forget_record, parse_control
+
+    signed = forget_record("u1", "ops@host", secret="s3cret")
+    assert parse_control(signed, "s3cret") == Forget("u1", "ops@host")
+    assert parse_control(signed) == Forget("u1", "ops@host")  # no secret: the topic's ACL alone
+    assert parse_control(forget_record("u1", "ops@host"), "s3cret").reason == "unsigned_control"
+    assert parse_control(forget_record("u1", "ops@host", secret="guess"), "s3cret").reason == (
+        "bad_signature")
+    for field, value in (("user_id", "u2"), ("requester", "attacker")):  # a signature moved
+        moved = {**orjson.loads(signed), field: value}
+        assert parse_control(orjson.dumps(moved), "s3cret").reason == "bad_signature", field

@@ -19,6 +19,7 @@ from streams.config import Settings
 from streams.errors import ConfigError
 from streams.kafka.clients import changelog_configs
 from streams.local.endpoints import resolve_kafka
+from streams.worker import lenient_records
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class InterestStreamApp(faust.App):
 
 
 def create_app(settings: Settings) -> faust.App:
+    lenient_records.install()  # a header key that is not UTF-8 must not stop the consumer
     try:
         bootstrap, unresolved = resolve_kafka(settings), None
     except ConfigError as exc:  # told when a worker starts, not at import

@@ -419,7 +419,7 @@ async def apply_control(fe) -> None:
     """A control-topic record: a forget, applied in the user's partition (re-routed there when
     it arrived in another, since only that partition's worker holds the user's state)."""
     now_ms = int(time.time() * 1000)
-    result = parse_control(fe.value)
+    result = parse_control(fe.value, settings.control_secret)
     if isinstance(result, Rejection):
         await dead_letter(fe, result, now_ms)
         return
@@ -540,6 +540,9 @@ def score(prepared: Prepared) -> list[RecommendationBatch]:
 @app.agent(input_topics, name="recommend")
 async def recommend(stream):
     serving()  # `python -m streams worker` has loaded it; freeze it with the rest
+    if not settings.control_secret:
+        log.warning("CONTROL_SECRET is unset: forgets are not signed, so only the ACL of %s "
+                    "keeps event producers from erasing users", settings.topic_control)
     settle_heap()
     # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
     global active_pipeline

@@ -289,3 +289,65 @@ def test_a_poison_record_is_dead_lettered_and_a_crashing_agent_ends_the_worker(
     failing = [body for status, body in seen if status == 503]
     assert failing and failing[0]["ok"] is False and "crashed" in failing[0]["agent"]
     assert "3 records in a row" in worker.tail(20_000)
+
+
+def test_a_header_key_that_is_not_utf8_stops_nothing(stack, quick_bundle, workers):
+    """The broker takes any bytes as a header key; aiokafka's strict decoding of one stopped
+    the worker for every user, again after each restart. Read as Java reads it (U+FFFD): the
+    event is served, a bad value is dead-lettered with the headers, the records around both
+    are served."""
+    settings = unique_settings(stack, quick_bundle)
+    ensure_topics(settings, stack["kafka"])
+    worker = workers(settings)
+    items = load_bundle(quick_bundle).items.item_ids[:6]
+    before, after = make_events(4, items=items), make_events(4, items=items)
+    send(settings, before)
+    hostile = Event("bad-header", "hb-user", items[0], "click", int(time.time() * 1000))
+    lines = [{"key": "hb-user", "value": hostile.to_json().decode(), "header_key_hex": "fffe69"},
+             {"key": "hb-user", "value": "not json", "header_key_hex": "c3"}]
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "raw_headers_producer.py"),
+                           stack["kafka"], settings.topic_events],
+                          input="\n".join(map(json.dumps, lines)), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    send(settings, after)
+
+    wanted = {e.event_id for e in before + after} | {"bad-header"}
+    out = collect(settings, settings.topic_recommendations, 0, until_ids=wanted)
+    assert {r["event_id"] for r in out} == wanted
+    [dead] = collect(settings, settings.topic_dlq, 1, settle=1.0)
+    assert dead["reason"] == "invalid_json" and dead["payload"] == "not json"
+    assert worker.proc.poll() is None
+
+
+def test_with_a_control_secret_an_unsigned_forget_erases_nobody(stack, quick_bundle, workers,
+                                                                 redis_sync):
+    """Where event producers can write the control topic too (no ACL, shared credentials),
+    CONTROL_SECRET still keeps them from erasing anyone; the signed forget of the CLI works."""
+    settings = unique_settings(stack, quick_bundle, control_secret="test-secret")
+    ensure_topics(settings, stack["kafka"])
+    workers(settings)
+    items = load_bundle(quick_bundle).items.item_ids[:6]
+    user = "signed-user"
+    send(settings, user_events(user, items, 3, "s"))
+    collect(settings, settings.topic_recommendations, 3)
+    prod = producer(settings, stack["kafka"])
+    prod.produce(settings.topic_control, key=user.encode(), value=forget_record(user, "attacker"))
+    prod.produce(settings.topic_control, key=user.encode(),
+                 value=forget_record(user, "attacker", secret="a-guess"))
+    assert prod.flush(30) == 0
+    dlq = collect(settings, settings.topic_dlq, 2, settle=1.0)
+    assert sorted(d["reason"] for d in dlq) == ["bad_signature", "unsigned_control"]
+    assert redis_sync.llen(hist_key(user)) == 3
+    assert [r for r in changelog_records(settings) if r[1] == user][-1][2]["n_events"] == 3
+
+    done = subprocess.run([sys.executable, "-m", "streams", "forget", user, "--requester", "dpo"],
+                          env=settings_env(settings), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 30
+    while True:
+        last = [r for r in changelog_records(settings, timeout=2) if r[1] == user][-1]
+        if last[2] is None or time.monotonic() > deadline:
+            break
+    assert last[2] is None  # the worker applied the signed forget: its tombstone
