@@ -351,3 +351,23 @@ def test_with_a_control_secret_an_unsigned_forget_erases_nobody(stack, quick_bun
         if last[2] is None or time.monotonic() > deadline:
             break
     assert last[2] is None  # the worker applied the signed forget: its tombstone
+
+
+def test_batches_in_every_compression_kafka_offers_are_read(stack, quick_bundle, workers):
+    """A producer's compression is its own choice: a batch in any of Kafka's codecs is read
+    (without a codec library, aiokafka's fetcher raised on it and stopped the worker)."""
+    settings = unique_settings(stack, quick_bundle)
+    ensure_topics(settings, stack["kafka"])
+    worker = workers(settings)
+    items = load_bundle(quick_bundle).items.item_ids[:6]
+    sent = set()
+    for codec in ("gzip", "snappy", "lz4", "zstd"):
+        events = make_events(3, items=items, prefix=codec)
+        prod = producer(settings, stack["kafka"], **{"compression.type": codec})
+        for event in events:
+            prod.produce(settings.topic_events, key=event.user_id.encode(), value=event.to_json())
+        assert prod.flush(30) == 0
+        sent |= {e.event_id for e in events}
+    out = collect(settings, settings.topic_recommendations, 0, until_ids=sent)
+    assert {r["event_id"] for r in out} == sent
+    assert worker.proc.poll() is None
