@@ -18,13 +18,14 @@ from streams.bundle import FILES, write_manifest
 from streams.errors import InterestStreamError
 
 from . import bert, data, export, item_item, train
+from .evaluate import K as EVAL_K
 from . import train_long_term as tlt
 from .fusion import FusionHead
 from .gpt import GPTConfig, ShortTermHead
 from .long_term import LongTermConfig, LongTermGraph, LongTermHeadGraph
 
 log = logging.getLogger(__name__)
-MAX_K = 100
+MAX_K = 100  # the most items a recommendation can hold (fewer in a smaller catalog)
 HIST_LEN = 50
 
 
@@ -87,6 +88,9 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     records = item_records(dataset)
     row_of = {r["item_id"]: row for row, r in enumerate(records, start=1)}
     n_rows = len(records) + 1
+    if n_rows - 1 <= EVAL_K:
+        raise BuildError(f"{dataset.name}: {n_rows - 1} items; a recommender needs more than "
+                         f"{EVAL_K} (the evaluation ranks the top {EVAL_K})")
     seqs, times = user_rows(split, row_of)
 
     tokenizer, bert_model = bert.load_minilm()
@@ -139,7 +143,8 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
     with torch.no_grad():
         item_long = proj(torch.from_numpy(text_emb)).numpy()
         long_item_in = long_model.item_inputs().numpy()
-    fusion_head = FusionHead(gpt.item_embeddings, gate, MAX_K, torch.from_numpy(item_table.rows),
+    max_k = min(MAX_K, n_rows - 1)
+    fusion_head = FusionHead(gpt.item_embeddings, gate, max_k, torch.from_numpy(item_table.rows),
                              torch.from_numpy(item_table.weights),
                              item_item.decay_of(items.half_life))
     report = export.export_all(ShortTermHead(gpt), text_head, fusion_head, out, n_rows,
@@ -172,7 +177,7 @@ def build(dataset: data.Dataset, out: Path, gpt_cfg: dict | None = None,
         "dataset": dataset.name,
         "data_hash": data_hash,
         "dims": {"d_model": cfg.d_model, "d_text": int(text_emb.shape[1]), "n_items": n_rows - 1,
-                 "max_len": cfg.max_len, "max_k": MAX_K, "hist_len": HIST_LEN},
+                 "max_len": cfg.max_len, "max_k": max_k, "hist_len": HIST_LEN},
         "gpt": cfg.to_dict(),
         "train": asdict(train_cfg),
         "default_fusion_mode": fusion_mode,

@@ -249,6 +249,11 @@ def held_out_examples(gpt: ItemGPT, model: LongTermModel, seqs: list[list[int]],
     arrays = [np.asarray(s, np.int64) for s in seqs]
     examples = np.array([(u, t) for u, s in enumerate(arrays) if len(s) > 2 * tail
                          for t in range(len(s) - tail, len(s))], dtype=np.int64)
+    if len(examples) == 0:  # no history longer than 2 x tail: each user's last position
+        log.warning("no user has more than %d training items: the gate learns from each "
+                    "user's last position, which the towers trained on", 2 * tail)
+        examples = np.array([(u, len(s) - 1) for u, s in enumerate(arrays) if len(s) >= 2],
+                            dtype=np.int64).reshape(-1, 2)
     h_s = last_h_s(gpt, arrays, examples)
     h_l = encode(model, arrays, examples)
     dt = torch.tensor([[np.log1p(max(times[u][t - 1] - times[u][t - 2], 0)) if t > 1 else 0.0]

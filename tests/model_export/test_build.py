@@ -1,7 +1,9 @@
 """A quick build on synthetic data: the bundle is complete and the models learned something."""
+import numpy as np
 import pytest
 
 from model_export import data
+from model_export.item_item import ItemItemConfig
 from model_export.evaluate import default_rows, evaluate
 from streams.bundle import FILES, load_bundle
 from streams.errors import BundleError
@@ -149,3 +151,37 @@ def test_quick_builds_one_item_item_setting_without_refit_or_the_text_profile_ro
     assert "bert_text" not in seen["evaluate_rows"] and "fused_fixed" in seen["evaluate_rows"]
     assert main(["build", "--data", "synthetic", "--out", str(tmp_path)]) == 0
     assert seen["evaluate_rows"] is None and seen["refit"]
+
+
+def test_a_small_catalog_of_short_histories_builds_and_a_tiny_one_is_refused(tmp_path):
+    """Logs we do not have: no user with more than 10 items (the gate has no held-out tail)
+    and fewer than 100 items (a recommendation then holds at most the catalog); a catalog of
+    10 items or fewer cannot be ranked at 10 and is refused in one line."""
+    from model_export import data
+    from model_export.build import BuildError, build
+    from model_export.train import TrainConfig
+    from model_export.train_long_term import LongTermTrainConfig
+    from streams.bundle import load_bundle
+
+    rng = np.random.default_rng(0)
+    rows = ["user_id,item_id,timestamp"]
+    for u in range(60):
+        for t, item in enumerate(rng.choice(40, size=int(rng.integers(4, 9)), replace=False)):
+            rows.append(f"u{u},i{item},{1_700_000_000 + 60 * t}")
+    log = tmp_path / "short.csv"
+    log.write_text("\n".join(rows) + "\n")
+    cfg = TrainConfig(epochs=2, fusion_epochs=1, gate_epochs=1, refit=False, progress=False)
+    fast = LongTermTrainConfig(max_epochs=1, half_lives=(1e9,), use_text=(False,), progress=False)
+    manifest = build(data.load_any(log), tmp_path / "bundle", {"max_len": 20}, cfg,
+                     long_train=fast, item_cfg=ItemItemConfig(l2_scales=(1.0,), half_lives=(1e9,)),
+                     evaluate_rows=("gpt", "fused_fixed"))
+    assert manifest["dims"]["max_k"] == 40
+    assert load_bundle(tmp_path / "bundle").dims["max_k"] == 40
+    assert 0.0 <= manifest["metrics"]["fused_fixed"]["ndcg@10"] <= 1.0
+
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},i{i},{1_700_000_000 + i}\n" for u in range(5) for i in range(6)))
+    with pytest.raises(BuildError, match="6 items; a recommender needs more than 10"):
+        build(data.load_any(tiny), tmp_path / "tiny-bundle", {"max_len": 20}, cfg,
+              long_train=fast)
