@@ -96,8 +96,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ys = [r[step][key] for r in rows]
             ax.plot(x, ys, "o-", label=step)
             for r, xi, yi in zip(rows, x, ys):
-                ax.annotate(r["scale"], (xi, yi), textcoords="offset points", xytext=(4, 4),
-                            fontsize=8)
+                ax.annotate(r.get("label", r["scale"]), (xi, yi), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("interactions")

@@ -143,3 +143,23 @@ def test_the_cli_warns_of_unused_catalog_items_and_restricts_on_request(tmp_path
     args.items_in_log = True
     assert sorted(_dataset(args).items) == ["x", "y"]
     assert not any("never occur" in r.message for r in caplog.records)
+
+
+def test_quality_reads_the_catalog_and_writes_under_the_datasets_name(tmp_path, monkeypatch):
+    import model_export.quality
+    from model_export.__main__ import main
+
+    log, catalog = catalog_with_unused_items(tmp_path)
+    seen = {}
+
+    def fake_quality(dataset, seeds, out, rebuild=True):
+        seen.update(items=dict(dataset.items), seeds=seeds, out=out)
+        return {"ndcg@10": {}, "best_fused": "fused_fixed", "best_fused_gain_vs_gpt": 0.0,
+                "paired_vs_gpt_pooled": {}}
+
+    monkeypatch.setattr(model_export.quality, "quality", fake_quality)
+    monkeypatch.chdir(tmp_path)
+    assert main(["quality", "--data", str(log), "--catalog", str(catalog), "--seeds", "3"]) == 0
+    assert seen["seeds"] == [3] and str(seen["out"]) == f"artifacts/quality-{log.stem}"
+    assert (tmp_path / f"artifacts/quality-{log.stem}.json").is_file()
+    assert {item["text"] for item in seen["items"].values()} == {"Item X", "Item Y", "Item Z", "Item W"}
