@@ -1,7 +1,6 @@
 """Produce records whose header keys are raw bytes (not UTF-8), as a hostile producer can:
 `raw_headers_producer.py BOOTSTRAP TOPIC` reads JSON lines {"key", "value", "header_key_hex"}
-from stdin. aiokafka's pure-Python record builder encodes a header key with `.encode()`, which
-`RawKey` answers with its bytes; the broker does not check them."""
+from stdin, through aiokafka's pure-Python record builder (`RawKey`)."""
 import asyncio
 import json
 import os
@@ -10,16 +9,7 @@ import sys
 os.environ["AIOKAFKA_NO_EXTENSIONS"] = "1"  # before aiokafka is imported
 
 from aiokafka import AIOKafkaProducer  # noqa: E402
-
-
-class RawKey(str):
-    def __new__(cls, raw: bytes):
-        key = super().__new__(cls, "k")
-        key.raw = raw
-        return key
-
-    def encode(self, *args, **kwargs):
-        return self.raw
+from raw_header_key import RawKey  # noqa: E402
 
 
 async def main(bootstrap: str, topic: str) -> None:

@@ -6,24 +6,13 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
+from raw_header_key import RawKey
 
 from streams.worker import lenient_records
 from streams.worker.lenient_records import LenientMemoryRecords
 
 TP = TopicPartition("events", 0)
 GZIP = DefaultRecordBatch.CODEC_GZIP
-
-
-class RawKey(str):
-    """A header key whose bytes on the wire are `raw` (the builder encodes keys with .encode)."""
-
-    def __new__(cls, raw: bytes):
-        key = super().__new__(cls, "k")
-        key.raw = raw
-        return key
-
-    def encode(self, *args, **kwargs):
-        return self.raw
 
 
 def batch_bytes(base_offset: int, records, compression: int = 0) -> bytes:
