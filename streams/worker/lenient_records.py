@@ -69,9 +69,7 @@ class _LenientBatch:
             self._records = iter(self._batch)
         try:
             record = next(self._records)
-        except UnicodeDecodeError:
-            if self._batch.magic < 2:  # legacy formats have no headers: not ours to mend
-                raise
+        except UnicodeDecodeError:  # a header key: only v2 batches have headers
             self._records = _lenient_records(bytes(self._data), self._read)
             record = next(self._records)
         self._read += 1
