@@ -275,9 +275,19 @@ class BatchPipeline:
         self.on_fault = on_fault
         self.fault: BaseException | None = None
         self.busy = False  # inside submit: a batch taken but not yet handed on
+        self.closed = False  # a stop is committing: batches taken now are left unprocessed
+
+    def close(self) -> None:
+        """Process no more batches (at-least-once stop): the stop commits what was delivered,
+        and a batch published after that commit would be published again by the next worker.
+        Batches taken meanwhile are neither processed nor committed: the next worker reads
+        them. Faust's agent may take a batch or two from its buffer before it is stopped."""
+        self.closed = True
 
     async def submit(self, events: Sequence) -> None:
         """Take a micro-batch; control records split it so that order per user is kept."""
+        if self.closed:
+            return
         self.busy = True
         try:
             await self._submit(events)
@@ -574,6 +584,8 @@ async def commit_on_stop(app, **kwargs) -> None:
     stopped fetching by then, and stops the agent (whose own last commit may be cut short by
     its cancellation) and the consumer only after this signal."""
     if active_pipeline is not None:
+        if committer is not None:  # exactly-once: Faust acks what the agent takes; process it
+            active_pipeline.close()
         await active_pipeline.idle(STOP_DRAIN_S)
     await commit_delivered()
 

@@ -117,6 +117,24 @@ def test_exactly_once_finishes_each_batch_before_the_next(log):
     assert ("send", 1) in seen_after_submit[1]
 
 
+def test_a_closed_pipeline_finishes_what_it_took_and_processes_nothing_after(log):
+    """A stop closes the pipeline, waits until idle, then commits: a batch taken after the
+    commit must not be published (its offset would not be committed: a duplicate later)."""
+    async def run():
+        pipe = pipeline.BatchPipeline(overlap=True, max_failures=5)
+        await pipe.submit([FakeEvent(0)])  # in flight when the stop comes
+        pipe.close()
+        await pipe.idle(5.0)
+        done = list(log)
+        await pipe.submit([FakeEvent(1)])  # the agent's buffer still held it
+        await pipe.flush()
+        return done
+
+    done = asyncio.run(run())
+    assert ("send", 0) in done
+    assert not [entry for entry in log if entry[1:2] == (1,)]
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_a_failed_batch_is_redone_one_by_one_and_a_record_failing_twice_is_dead_lettered(
         log, overlap):
