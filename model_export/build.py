@@ -18,8 +18,8 @@ from streams.bundle import FILES, write_manifest
 from streams.errors import InterestStreamError
 
 from . import bert, data, export, item_item, train
-from .evaluate import K as EVAL_K
 from . import train_long_term as tlt
+from .evaluate import K as EVAL_K
 from .fusion import FusionHead
 from .gpt import GPTConfig, ShortTermHead
 from .long_term import LongTermConfig, LongTermGraph, LongTermHeadGraph

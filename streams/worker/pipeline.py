@@ -550,9 +550,6 @@ def score(prepared: Prepared) -> list[RecommendationBatch]:
 @app.agent(input_topics, name="recommend")
 async def recommend(stream):
     serving()  # `python -m streams worker` has loaded it; freeze it with the rest
-    if not settings.control_secret:
-        log.warning("CONTROL_SECRET is unset: forgets are not signed, so only the ACL of %s "
-                    "keeps event producers from erasing users", settings.topic_control)
     settle_heap()
     # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
     global active_pipeline
@@ -622,6 +619,14 @@ if settings.bundle_watch_s > 0:
     async def watch_bundle_location():
         """A bundle published at BUNDLE_DIR is loaded beside the running one, then swapped in."""
         look_for_published_bundle()
+
+
+@app.task
+async def warn_of_unsigned_control():
+    """Once per worker start (the agent itself restarts on every rebalance)."""
+    if not settings.control_secret:
+        log.warning("CONTROL_SECRET is unset: forgets are not signed, so only the ACL of %s "
+                    "keeps event producers from erasing users", settings.topic_control)
 
 
 @app.task

@@ -294,7 +294,7 @@ def test_a_poison_record_is_dead_lettered_and_a_crashing_agent_ends_the_worker(
 def test_a_header_key_that_is_not_utf8_stops_nothing(stack, quick_bundle, workers):
     """The broker takes any bytes as a header key; aiokafka's strict decoding of one stopped
     the worker for every user, again after each restart. Read as Java reads it (U+FFFD): the
-    event is served, a bad value is dead-lettered with the headers, the records around both
+    event is served, a bad value is dead-lettered with its reason, the records around both
     are served."""
     settings = unique_settings(stack, quick_bundle)
     ensure_topics(settings, stack["kafka"])

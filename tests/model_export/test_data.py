@@ -162,4 +162,5 @@ def test_quality_reads_the_catalog_and_writes_under_the_datasets_name(tmp_path, 
     assert main(["quality", "--data", str(log), "--catalog", str(catalog), "--seeds", "3"]) == 0
     assert seen["seeds"] == [3] and str(seen["out"]) == f"artifacts/quality-{log.stem}"
     assert (tmp_path / f"artifacts/quality-{log.stem}.json").is_file()
-    assert {item["text"] for item in seen["items"].values()} == {"Item X", "Item Y", "Item Z", "Item W"}
+    texts = {item["text"] for item in seen["items"].values()}
+    assert texts == {"Item X", "Item Y", "Item Z", "Item W"}
