@@ -67,6 +67,10 @@ def cmd_worker(settings: Settings, args) -> int:
     from streams.worker import app as app_module
 
     ensure_topics(settings, app_module.resolve_kafka(settings), state=True)
+    if settings.processing_guarantee == "exactly_once":
+        from streams.worker.transactions import check_transactions
+
+        check_transactions(settings, app_module.app)  # a broker without them: one-line error
     from streams.worker.pipeline import EXIT_CRASHED, health, serving
 
     serving()
@@ -324,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--soak", type=float, default=0, help="soak run of S seconds (0: none)")
     bp.add_argument("--soak-rate", type=float, default=1000.0)
     bp.add_argument("--skip", default="", help="comma list of phases to skip: "
-                    "throughput,latency,swap,inference,state")
+                    "throughput,latency,exactly_once,swap,inference,state")
     es = parsers["evaluate-stream"]
     es.add_argument("--data", default=str(settings_default_data()), help="u.data or a log file")
     es.add_argument("--test-share", type=float, default=0.1,

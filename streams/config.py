@@ -66,6 +66,9 @@ class Settings:
     max_future_skew_s: float = 300.0  #: MAX_FUTURE_SKEW_S: ts this far ahead is rejected
     processing_guarantee: str = "at_least_once"  #: PROCESSING_GUARANTEE
     commit_interval_s: float = 0.5  #: COMMIT_INTERVAL_S: offsets (and the producer) flushed this often
+    #: TRANSACTION_INIT_TIMEOUT_S: exactly-once gives up (one-line error, exit) when the broker
+    #: has not started a transaction within this long
+    transaction_init_timeout_s: float = 30.0
     #: MAX_CONSECUTIVE_FAILURES: records in a row whose processing fails (each tried twice,
     #: then dead-lettered as processing_failed) before the worker counts the fault as its own
     #: and exits non-zero

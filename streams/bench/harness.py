@@ -103,6 +103,7 @@ class Bench:
                     TOPIC_EVENTS=s.topic_events, TOPIC_RECOMMENDATIONS=s.topic_recommendations,
                     TOPIC_DLQ=s.topic_dlq, TOPIC_CONTROL=s.topic_control,
                     PARTITIONS=str(s.partitions), LOG_LEVEL="WARNING",
+                    PROCESSING_GUARANTEE=s.processing_guarantee,
                     MAX_FUTURE_SKEW_S=str(10**9), STATE_DIR=str(s.state_dir / "bench"))
 
     def preload(self, s: Settings, events: list[Event], restamp: bool = False) -> None:
@@ -185,10 +186,12 @@ class Bench:
             client.close()
         return len(users)
 
-    def agent_throughput(self, command: str, events: list[Event], long_term: bool = True) -> dict:
+    def agent_throughput(self, command: str, events: list[Event], long_term: bool = True,
+                         guarantee: str = "at_least_once") -> dict:
         """One run of `command` over `events`; the worker's users hold long-term vectors
-        unless `long_term` is False (the arm that prices the per-event update)."""
-        s = self.fresh()
+        unless `long_term` is False (the arm that prices the per-event update). Outputs are
+        read read_committed (exactly-once: as its consumers see them)."""
+        s = self.fresh(processing_guarantee=guarantee)
         self.preload(s, events)
         long_term_users = self.seed_long_term(s, events) if command == "worker" and long_term else 0
         proc = self.children.start(f"bench-{command}-{s.app_id}", [command], self.env(s))
@@ -213,15 +216,15 @@ class Bench:
                 # the event loop's CPU per event: moves far less from run to run than events/s
                 "loop_us_per_event": round((loop_cpu_s[1] - loop_cpu_s[0]) * 1e6 / len(events), 1)}
 
-    def throughput_rounds(self, arms: list[tuple[str, bool]], events: list[Event], rounds: int
+    def throughput_rounds(self, arms: list[tuple], events: list[Event], rounds: int
                           ) -> list[dict]:
-        """Each arm's (command, with long-term vectors) best of `rounds` runs, the arms
-        alternated: noise only slows a run (a broker still warming up its JIT and heap, a busy
-        minute), and it hits every arm."""
+        """Each arm's (command, with long-term vectors[, processing guarantee]) best of
+        `rounds` runs, the arms alternated: noise only slows a run (a broker still warming up
+        its JIT and heap, a busy minute), and it hits every arm."""
         runs = {arm: [] for arm in arms}
         for _ in range(max(1, rounds)):
-            for command, long_term in arms:
-                runs[(command, long_term)].append(self.agent_throughput(command, events, long_term))
+            for arm in arms:
+                runs[arm].append(self.agent_throughput(arm[0], events, *arm[1:]))
         return [{**max(r, key=lambda x: x["events_per_s"]),
                  "rounds_events_per_s": [x["events_per_s"] for x in r],
                  "rounds_loop_us_per_event": [x["loop_us_per_event"] for x in r]}
@@ -251,8 +254,9 @@ class Bench:
         cons.close()
         return {"events": n, "seconds": round(seconds, 2), "events_per_s": round(n / seconds, 1)}
 
-    def latency(self, events: list[Event], rates: list[int], duration_s: float) -> dict:
-        s = self.fresh()
+    def latency(self, events: list[Event], rates: list[int], duration_s: float,
+                guarantee: str = "at_least_once") -> dict:
+        s = self.fresh(processing_guarantee=guarantee)
         ensure_topics(s, self.kafka)
         proc = self.children.start(f"bench-latency-{s.app_id}", [os.environ.get("BENCH_AGENT", "worker")], self.env(s))
         # One long-lived producer, as a real source would have: a new idempotent producer

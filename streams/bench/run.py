@@ -87,6 +87,18 @@ def run_bench(settings: Settings, args) -> int:
             if "pipeline" in result:
                 lat = result["latency"].get("1000") or next(iter(result["latency"].values()))
                 result["pipeline"].update(p50_ms=lat["p50_ms"], p99_ms=lat["p99_ms"])
+        if "exactly_once" not in skip:
+            print(f"exactly-once: {len(events)} events through the worker in each guarantee "
+                  f"({args.rounds} rounds, alternated); latency at 1000 events/s", flush=True)
+            alo, eos = bench.throughput_rounds([("worker", True, "at_least_once"),
+                                                ("worker", True, "exactly_once")],
+                                               events, args.rounds)
+            latency = bench.latency(stream_of(base, 1000 * int(args.duration) + 200), [1000],
+                                    args.duration, guarantee="exactly_once")["1000"]
+            result["exactly_once"] = {
+                "at_least_once": alo, "exactly_once": eos,
+                "events_per_s_ratio": round(eos["events_per_s"] / alo["events_per_s"], 3),
+                "latency_1000": latency}
         if "swap" not in skip:
             print(f"swap: 1000 events/s, {args.duration:.0f} s without and with a bundle swap "
                   f"in the middle, alternated ({args.rounds} rounds, after a warm-up)", flush=True)
@@ -152,6 +164,19 @@ def print_table(r: dict) -> None:
         if isinstance(lat, dict):
             rows.append((f"latency @{rate}/s p50/p95/p99/max ms",
                          f"{lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']}/{lat['max_ms']:.0f}"))
+    if "exactly_once" in r:
+        x = r["exactly_once"]
+
+        def best(arm: dict) -> str:
+            return (f"{arm['events_per_s']} ("
+                    + "/".join(f"{v:.0f}" for v in arm["rounds_events_per_s"]) + ")")
+
+        lat = x["latency_1000"]
+        rows += [("exactly-once / at-least-once events/s (best; rounds)",
+                  f"{best(x['exactly_once'])} / {best(x['at_least_once'])}: "
+                  f"{100 * (x['events_per_s_ratio'] - 1):+.1f} %"),
+                 ("exactly-once latency @1000/s p50/p95/p99/max ms",
+                  f"{lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']}/{lat['max_ms']:.0f}")]
     if "swap" in r:
         sw = r["swap"]
         rows.append((f"p99 ms @{sw['rate']}/s per round, steady / with a bundle swap",

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from streams.errors import InfraError
@@ -102,6 +102,7 @@ class LocalKafka:
     heap: str = "768m"
     proc: subprocess.Popen | None = None
     ready_seconds: float | None = None
+    overrides: dict[str, str] = field(default_factory=dict)  # server.properties entries
 
     @property
     def bootstrap(self) -> str:
@@ -134,6 +135,7 @@ class LocalKafka:
             # erasure of the changelog then takes FORGET_WITHIN_S plus about a second here
             "log.cleaner.backoff.ms": "1000",
         }
+        props.update(self.overrides)
         path = self.root / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.root / "log4j.properties").write_text(

@@ -19,7 +19,7 @@ from streams.config import Settings
 from streams.errors import ConfigError
 from streams.kafka.clients import changelog_configs
 from streams.local.endpoints import resolve_kafka
-from streams.worker import lenient_records
+from streams.worker import lenient_records, stable_highwaters
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,24 @@ class InterestStreamApp(faust.App):
 
     unresolved_broker: ConfigError | None = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Called once the worker starts, before the app creates its consumer. The consumer
+        # must not be made earlier (at import): it fixes Faust's `in_transaction`, which is
+        # True only inside a worker, and with it exactly-once's read_committed isolation.
+        self.before_start: list = []
+
     async def on_first_start(self) -> None:
         if self.unresolved_broker is not None:
             raise self.unresolved_broker
+        for hook in self.before_start:
+            hook()
         await super().on_first_start()
 
 
 def create_app(settings: Settings) -> faust.App:
     lenient_records.install()  # a header key that is not UTF-8 must not stop the consumer
+    stable_highwaters.install()  # exactly-once recovery must read every committed state
     try:
         bootstrap, unresolved = resolve_kafka(settings), None
     except ConfigError as exc:  # told when a worker starts, not at import
@@ -159,11 +169,12 @@ app = create_app(settings)
 # The agent reads events and control records (privacy erasures) as one stream, so a forget
 # is applied between the user's earlier and later events; Faust assigns the same partition
 # number of both topics (and of the changelog) to one worker, since their counts are equal.
-# At-least-once: the worker commits these topics' offsets itself (`streams.worker.committer`), so
-# Faust's acks are off for them. Exactly-once leaves them to Faust's transactions.
+# The worker commits these topics' offsets itself (at-least-once: `streams.worker.committer`;
+# exactly-once: in each batch's transactions, `streams.worker.transactions`), so Faust's acks
+# are off for them. Faust's exactly_once setting stays on in that mode for its read_committed
+# consumer and its table recovery up to the last stable offset.
 input_topics = app.topic(settings.topic_events, settings.topic_control, key_serializer="raw",
-                         value_serializer="raw", partitions=settings.partitions,
-                         acks=settings.processing_guarantee == "exactly_once")
+                         value_serializer="raw", partitions=settings.partitions, acks=False)
 recommendations_topic = app.topic(settings.topic_recommendations, key_serializer="raw",
                                   value_serializer="raw")
 dlq_topic = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw")

@@ -44,6 +44,8 @@ class BlindReadOffsets(dict):
 class Committer:
     """Owns the commit of the input topics' offsets for one worker."""
 
+    isolation = "read_uncommitted"  # how the worker's consumer reads (holes are looked up so)
+
     def __init__(self, app, settings: Settings) -> None:
         self.app, self.settings = app, settings
         self.topics = frozenset((settings.topic_events, settings.topic_control))
@@ -123,10 +125,9 @@ class Committer:
         """The offsets in [start, end) that hold a record a consumer can read."""
         from confluent_kafka import TopicPartition
 
-        # read_uncommitted, as the worker's consumer reads in at-least-once mode
         cons = kafka_clients.consumer(self.settings, resolve_kafka(self.settings),
                                       f"{self.settings.app_id}-holes",
-                                      **{"isolation.level": "read_uncommitted"})
+                                      **{"isolation.level": self.isolation})
         present, deadline = set(), time.monotonic() + 10.0
         try:
             cons.assign([TopicPartition(tp.topic, tp.partition, start)])

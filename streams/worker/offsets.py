@@ -119,6 +119,16 @@ class OffsetLedger:
                 out[tp] = part.frontier
         return out
 
+    def frontier_with(self, tp: Hashable, offsets: Iterable[int]) -> int | None:
+        """The frontier `tp` would have once `offsets` are done too (None: not assigned)."""
+        part = self.parts.get(tp)
+        if part is None or part.frontier is None:
+            return None
+        done, frontier = part.done.union(offsets), part.frontier
+        while frontier in done:
+            frontier += 1
+        return frontier
+
     def committed(self, offsets: dict[Hashable, int]) -> None:
         for tp, offset in offsets.items():
             self.parts[tp].committed = offset

@@ -21,14 +21,13 @@ import logging
 import os
 import signal
 import time
-import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
 import numpy as np
 import orjson
-from faust.streams import _current_event
+from aiokafka.errors import KafkaError
 
 from streams import metrics
 from streams.bundle import MASKED_SCORE
@@ -45,19 +44,26 @@ from streams.worker.online_arms import ArmOnlineMetrics
 from streams.worker.recovery_watch import RecoveryWatch
 from streams.worker.serving import Runtime, Serving
 from streams.worker.state_table import StateTable
+from streams.worker.transactions import (PartitionProducers, TransactionalBatches,
+                                         TransactionalCommitter)
 
 log = logging.getLogger(__name__)
 
 
 _serving: Serving | None = None
-# At-least-once: input offsets are committed from what was processed and delivered.
-committer = Committer(app, settings) if settings.processing_guarantee == "at_least_once" else None
-if committer is not None:
-    committer.install()
-# At-least-once: the worker writes the state's changelog records itself, as its outputs.
-# Exactly-once: table writes through Faust, inside the source partition's transaction.
-state_table = StateTable(short_term_table,
-                         send=None if committer is None else partial(send_raw, app))
+transactional = settings.processing_guarantee == "exactly_once"
+# At-least-once: input offsets are committed from what was processed and delivered, and the
+# worker writes the state's changelog records itself, as its outputs. Exactly-once: offsets,
+# outputs and changelog records go in one transaction per input partition and batch.
+if transactional:
+    committer: Committer = TransactionalCommitter(app, settings, PartitionProducers(settings, app))
+    batches: TransactionalBatches | None = TransactionalBatches(committer)
+    state_table = StateTable(short_term_table, send=batches.send_changelog, rewrites=False)
+    batches.state_table = state_table
+else:
+    committer, batches = Committer(app, settings), None
+    state_table = StateTable(short_term_table, send=partial(send_raw, app))
+app.before_start.append(committer.install)
 health = Health()
 online = ArmOnlineMetrics(settings.top_k)  # with arms: each arm's online HR and NDCG
 # Crashed: the worker leaves its group this long after /healthz started failing.
@@ -68,12 +74,12 @@ EXIT_CRASHED = 70  # EX_SOFTWARE: `python -m streams worker`'s exit code after a
 async def send_output(topic, faust_event, key: bytes | None, value: bytes,
                       partition: int | None = None, headers=None):
     """Queue one output record; returns its delivery future. At-least-once: straight to the
-    producer (the committer waits on its futures). Exactly-once: `Topic.send`, which routes the
-    record into the transaction of the event's source partition."""
-    if committer is not None:
-        return await send_raw(app, topic.get_topic_name(), key, value, partition, headers)
-    _current_event.set(weakref.ref(faust_event))
-    return await topic.send(key=key, value=value, partition=partition, headers=headers)
+    producer (the committer waits on its futures). Exactly-once: in the transaction of the
+    event's source partition."""
+    if batches is not None:
+        return await batches.send(faust_event.message.partition, topic.get_topic_name(), key,
+                                  value, partition, headers)
+    return await send_raw(app, topic.get_topic_name(), key, value, partition, headers)
 
 
 async def dead_letter(faust_event, rejection: Rejection, now_ms: int) -> None:
@@ -88,9 +94,9 @@ async def dead_letter(faust_event, rejection: Rejection, now_ms: int) -> None:
 
 
 def delivered_by(faust_event, *futures) -> None:
-    """The record is processed; its offset may be committed once `futures` are delivered."""
-    if committer is not None:
-        committer.sent(faust_event, futures)
+    """The record is processed; its offset may be committed once `futures` are delivered
+    (at-least-once; exactly-once commits it with its batch's transaction)."""
+    committer.sent(faust_event, futures)
 
 
 def serving() -> Serving:
@@ -265,8 +271,13 @@ class BatchPipeline:
     next batch: there, each batch is finished before the next is taken.
     """
 
-    def __init__(self, overlap: bool, max_failures: int, on_fault=None):
+    def __init__(self, overlap: bool, max_failures: int, on_fault=None, transactional=False):
         self.overlap = overlap
+        # Exactly-once: a batch's error goes to the caller, which aborts the transaction and
+        # tries the batch again (`isolated`: record by record in a new transaction, so that no
+        # record of the failed try is sent twice); a failed send is never a record's fault.
+        self.passthrough = (Exception,) if transactional else ()
+        self.fatal = (KafkaError,) if transactional else ()
         self.in_flight: asyncio.Future | None = None
         self.max_failures = max_failures
         self.failures_in_row = 0  # records dead-lettered as processing_failed since a success
@@ -278,21 +289,23 @@ class BatchPipeline:
         self.closed = False  # a stop is committing: batches taken now are left unprocessed
 
     def close(self) -> None:
-        """Process no more batches (at-least-once stop): the stop commits what was delivered,
-        and a batch published after that commit would be published again by the next worker.
+        """Process no more batches (a stop): the stop commits what was delivered, and a batch
+        published after that commit would be published again by the next worker.
         Batches taken meanwhile are neither processed nor committed: the next worker reads
         them. Faust's agent may take a batch or two from its buffer before it is stopped."""
         self.closed = True
 
-    async def submit(self, events: Sequence) -> None:
-        """Take a micro-batch; control records split it so that order per user is kept."""
+    async def submit(self, events: Sequence) -> bool:
+        """Take a micro-batch; control records split it so that order per user is kept.
+        False: closed, the batch is left unprocessed."""
         if self.closed:
-            return
+            return False
         self.busy = True
         try:
             await self._submit(events)
         finally:
             self.busy = False
+        return True
 
     async def idle(self, timeout_s: float) -> None:
         """Wait until the batch taken and the one in flight are delivered (or failed)."""
@@ -324,6 +337,8 @@ class BatchPipeline:
             return
         try:
             prepared = await prepare_segment(events)
+        except self.passthrough:
+            raise
         except Exception as exc:
             await self.flush()
             await self.isolate(events, exc)
@@ -347,6 +362,8 @@ class BatchPipeline:
         try:
             await self._publish(prepared, await scoring)
             self.failures_in_row = 0
+        except self.passthrough:
+            raise
         except Exception as exc:
             try:
                 await self.isolate(events, exc)
@@ -369,6 +386,8 @@ class BatchPipeline:
                     await self.process_alone(fe)
                     error = None
                     break
+                except self.fatal:
+                    raise
                 except Exception as err:
                     error = err
             if error is None:
@@ -385,6 +404,17 @@ class BatchPipeline:
             await dead_letter(fe, Rejection("processing_failed",
                                             f"{type(error).__name__}: {error}"[:500]),
                               int(time.time() * 1000))
+
+    async def isolated(self, events: Sequence, exc: Exception) -> bool:
+        """`isolate` as a batch of its own (exactly-once, after the failed try was aborted)."""
+        if self.closed:
+            return False
+        self.busy = True
+        try:
+            await self.isolate(events, exc)
+        finally:
+            self.busy = False
+        return True
 
     async def process_alone(self, fe) -> None:
         prepared = await prepare_segment([fe])
@@ -551,17 +581,19 @@ def score(prepared: Prepared) -> list[RecommendationBatch]:
 async def recommend(stream):
     serving()  # `python -m streams worker` has loaded it; freeze it with the rest
     settle_heap()
-    # Exactly-once mode finishes each batch before taking the next (Faust acks, not our ledger).
+    # Exactly-once finishes each batch, its transactions committed, before taking the next.
     global active_pipeline
-    pipeline = BatchPipeline(overlap=committer is not None and settings.batch_overlap == 1,
-                             max_failures=settings.max_consecutive_failures, on_fault=crashed)
+    pipeline = BatchPipeline(overlap=not transactional and settings.batch_overlap == 1,
+                             max_failures=settings.max_consecutive_failures, on_fault=crashed,
+                             transactional=transactional)
     active_pipeline = pipeline
     try:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            if committer is not None:
-                events = committer.fresh(events)
             switch_to_published_bundle()
-            await pipeline.submit(events)
+            if batches is not None:
+                await batches.run(events, pipeline.submit, pipeline.isolated)
+            else:
+                await pipeline.submit(committer.fresh(events))
     except Exception as exc:
         crashed(exc)
     finally:
@@ -579,11 +611,14 @@ STOP_DRAIN_S = 10.0  # a stop waits this long at most for the batches already ta
 async def commit_on_stop(app, **kwargs) -> None:
     """A stop commits what was delivered while the consumer is still a group member: Faust has
     stopped fetching by then, and stops the agent (whose own last commit may be cut short by
-    its cancellation) and the consumer only after this signal."""
+    its cancellation) and the consumer only after this signal. Exactly-once: the batch in
+    progress commits its transactions (or aborts them), then the producers stop."""
     if active_pipeline is not None:
-        if committer is not None:  # exactly-once: Faust acks what the agent takes; process it
-            active_pipeline.close()
+        active_pipeline.close()
         await active_pipeline.idle(STOP_DRAIN_S)
+    if batches is not None:
+        await batches.idle(STOP_DRAIN_S)
+        await batches.stop()
     await commit_delivered()
 
 
@@ -642,9 +677,8 @@ async def rewrite_forgotten_states():
 
 
 async def commit_delivered() -> None:
-    """Commit the input offsets whose records are processed and delivered (at-least-once)."""
-    if committer is None:
-        return
+    """Commit the input offsets whose records are processed and delivered (at-least-once;
+    exactly-once: only look up holes, offsets are committed in the batches' transactions)."""
     try:
         await committer.commit()
     except Exception as exc:  # broker away, a rebalance mid-commit, or stopping: redone later

@@ -1,7 +1,7 @@
 """Writes to the short-term state table: its memory and its changelog, one record per change.
 
-At-least-once: the worker puts the new state in the table's memory and the changelog record
-straight on the producer, as it sends its outputs: the bytes Faust's `table[key] = value`
+The worker puts the new state in the table's memory and the changelog record straight on the
+producer, as it sends its outputs: the bytes Faust's `table[key] = value`
 writes (JSON key, the table's orjson value, a null value for a delete) to the partition of the
 event that changed the state, queued in call order with every other record. Faust's own path
 queues each record in its producer buffer and publishes it later through
@@ -9,9 +9,11 @@ queues each record in its producer buffer and publishes it later through
 the event loop ~6 us per event for 0.08 changelog records per event (loop CPU per event
 128/132 -> 123/125 us, interleaved runs).
 
-Exactly-once keeps Faust's path, which puts the records in the source partition's transaction.
-Either way a state reaches the broker before an offset it includes is committed: the
-committer flushes the producer before every commit (`streams.worker.committer`).
+A state reaches the broker before an offset it includes is committed: at-least-once, the
+committer flushes the producer before every commit (`streams.worker.committer`); exactly-once,
+the record is in the transaction of the event's partition, with that partition's offsets, and a
+transaction that does not commit has its changes to the memory put back (`begin_journal`,
+`rollback`; `streams.worker.transactions`).
 
 A forget's tombstone is written again FORGET_WITHIN_S later (at-least-once): the broker never
 compacts the active segment and rolls it only on an append, so in a partition that stays quiet
@@ -20,23 +22,49 @@ the user's earlier states would otherwise stay readable (`streams.kafka.clients.
 from __future__ import annotations
 
 import heapq
-import weakref
 from typing import Awaitable, Callable
 
 import orjson
-from faust.streams import _current_event
+
+
+_ABSENT = object()
 
 
 class StateTable:
-    """A Faust table of JSON values whose changelog the worker may write itself.
+    """A Faust table of JSON values whose changelog the worker writes itself.
 
-    `send(topic, key, value, partition)` queues a record on the producer (`streams.app.send_raw`
-    bound to the app); None leaves the changelog to Faust's table (exactly-once)."""
+    `send(topic, key, value, partition)` queues a record on the producer (at-least-once,
+    `streams.app.send_raw` bound to the app) or in the partition's transaction (exactly-once,
+    `TransactionalBatches.send`)."""
 
-    def __init__(self, table, send: Callable[..., Awaitable] | None) -> None:
+    def __init__(self, table, send: Callable[..., Awaitable], rewrites: bool = True) -> None:
         self.table, self.send = table, send
         self._topic: str | None = None  # the changelog topic's name, looked up on first write
         self._rewrites: list[tuple[float, int, str]] = []  # heap of (due, partition, key)
+        self.rewrites = rewrites
+        # (partition, key) -> the value before the first change since begin_journal()
+        self._journal: dict[tuple[int, str], object] | None = None
+
+    def begin_journal(self) -> None:
+        """Remember each key's value before its first change from now on (exactly-once: a
+        transaction that does not commit must leave the memory as it found it)."""
+        self._journal = {}
+
+    def rollback(self, partitions: set[int]) -> None:
+        """Put back the values the journal holds for keys changed from `partitions`."""
+        for (partition, key), value in (self._journal or {}).items():
+            if partition in partitions:
+                if value is _ABSENT:
+                    self.table.data.pop(key, None)
+                else:
+                    self.table.data[key] = value
+
+    def end_journal(self) -> None:
+        self._journal = None
+
+    def _remember(self, partition: int, key: str) -> None:
+        if self._journal is not None and (partition, key) not in self._journal:
+            self._journal[(partition, key)] = self.table.data.get(key, _ABSENT)
 
     def get(self, key: str):
         # The table's store: Faust's `table.get` adds a Python `__getitem__`, a sensor call
@@ -45,26 +73,20 @@ class StateTable:
 
     async def put(self, faust_event, key: str, value) -> None:
         """Set `key` from the record `faust_event` (its partition is the changelog's)."""
-        if self.send is None:
-            _current_event.set(weakref.ref(faust_event))
-            self.table[key] = value
-            return
+        self._remember(faust_event.message.partition, key)
         self.table.data[key] = value
         await self._send(faust_event.message.partition, key, orjson.dumps(value))
 
     async def delete(self, faust_event, key: str) -> None:
         """Remove `key` and write its tombstone, held or not: a forget is always recorded."""
-        if self.send is None:
-            _current_event.set(weakref.ref(faust_event))
-            self.table.data.setdefault(key, None)  # Faust's `del` needs the key present
-            del self.table[key]
-            return
+        self._remember(faust_event.message.partition, key)
         self.table.data.pop(key, None)
         await self._send(faust_event.message.partition, key, None)
 
     def rewrite_later(self, partition: int, key: str, due: float) -> None:
-        """Write `key`'s record again at monotonic time `due` (at-least-once only)."""
-        if self.send is not None:
+        """Write `key`'s record again at monotonic time `due` (at-least-once only: a record
+        written from a timer would be outside every transaction)."""
+        if self.rewrites:
             heapq.heappush(self._rewrites, (due, partition, key))
 
     async def rewrite_due(self, now: float) -> None:

@@ -52,20 +52,8 @@ def feed(settings, records, rate, delivered):
     assert prod.flush(180) == 0
 
 
-EOS_REASON = (
-    "Faust's exactly_once on Apache Kafka 3.9: outputs stay unique only per transaction, and "
-    "Faust commits its transactions on a timer that is not aligned with the agent's "
-    "micro-batches, so a commit can carry part of a batch's outputs with the previous offsets; "
-    "after a SIGKILL the batch is replayed (19 duplicates of 2400 seen). Committing per batch "
-    "from the agent instead made the restarted worker fail recovery with ConsistencyError "
-    "(changelog offset above the partition's end, read_committed). Nothing is lost either way.")
-
-
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("guarantee", [
-    "at_least_once",
-    pytest.param("exactly_once", marks=pytest.mark.xfail(reason=EOS_REASON, strict=False)),
-])
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
     kafka, redis = LocalKafka(tmp_path / "kafka"), LocalRedis(tmp_path / "redis")
     kafka.start()
@@ -123,8 +111,9 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
                           f"offset): {sorted(where.get(e, (-1, -1)) for e in lost)[:40]}")
         assert set(dlq_sources) == bad_sources  # exactly the invalid inputs
         assert_state_counts_each_event_once(final_states(settings, 25), good)
-        if guarantee == "exactly_once":
-            assert sum(n - 1 for n in got.values()) == 0  # read_committed sees each output once
+        if guarantee == "exactly_once":  # read_all reads read_committed
+            assert sum(n - 1 for n in got.values()) == 0
+            assert sum(n - 1 for n in dlq_sources.values()) == 0
     finally:
         worker.stop()
         redis.stop()

@@ -53,6 +53,20 @@ def send_paced(settings, events, rate: float) -> threading.Thread:
     return thread
 
 
+def every_output(settings, events, timeout: float) -> tuple[list, int]:
+    """The outputs (read read_committed) once every event has one, and how many are
+    duplicates. Until every event has an output, not until as many outputs as events:
+    redelivered events' duplicates reach that count early, and a record Faust skipped after a
+    restart is fetched again only once the committer's hole check (HOLE_CHECK_S, 10 s) has
+    looked for it."""
+    out = collect(settings, settings.topic_recommendations, len(events), timeout=timeout,
+                  settle=3, until_ids={e.event_id for e in events})
+    got = Counter(r["event_id"] for r in out)
+    missing = {e.event_id for e in events} - set(got)
+    assert not missing, f"{len(missing)} events without a recommendation"
+    return out, sum(n - 1 for n in got.values())
+
+
 def assert_state_counts_each_event_once(states: dict, events) -> None:
     sent = defaultdict(set)
     for e in events:
@@ -64,8 +78,10 @@ def assert_state_counts_each_event_once(states: dict, events) -> None:
         assert set(state["event_ids"]) <= ids
 
 
-def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_bundle, workers):
-    settings = unique_settings(stack, quick_bundle, partitions=2)
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_bundle, workers,
+                                                                   guarantee):
+    settings = unique_settings(stack, quick_bundle, partitions=2, processing_guarantee=guarantee)
     ensure_topics(settings, stack["kafka"])
     worker = workers(settings)
     items = load_bundle(quick_bundle).items.item_ids[:20]
@@ -76,17 +92,11 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_
     time.sleep(0.5)
     workers(settings)
     feeder.join(30)
-    # Until every event has an output, not until 400 outputs: redelivered events' duplicates
-    # reach that count early, and a record Faust skipped after the restart is fetched again
-    # only once the committer's hole check (HOLE_CHECK_S, 10 s) has looked for it.
-    out = collect(settings, settings.topic_recommendations, len(events), timeout=90, settle=3,
-                  until_ids={e.event_id for e in events})
-    got = Counter(r["event_id"] for r in out)
-    missing = {e.event_id for e in events} - set(got)
-    assert not missing, f"{len(missing)} events without a recommendation"
-    duplicates = sum(n - 1 for n in got.values())
-    print(f"in={len(events)} out={len(out)} duplicated={duplicates} lost=0")
+    out, duplicates = every_output(settings, events, timeout=90)
+    print(f"{guarantee}: in={len(events)} out={len(out)} duplicated={duplicates} lost=0")
     assert_state_counts_each_event_once(final_states(settings, 8), events)
+    if guarantee == "exactly_once":
+        assert duplicates == 0
 
 
 def test_second_worker_takes_over_partitions_and_state(stack, quick_bundle, workers):
@@ -112,3 +122,50 @@ def test_second_worker_takes_over_partitions_and_state(stack, quick_bundle, work
     assert_state_counts_each_event_once(final_states(settings, 12), before + after)
     # the survivor's recommendations after the handover use each user's full window
     first.stop()
+
+
+def test_exactly_once_with_two_workers_one_killed_and_restarted_mid_stream(stack, quick_bundle,
+                                                                           workers):
+    """Scale-out: two workers share the group; one is SIGKILLed mid-stream and started again.
+    A read_committed reader sees each output once."""
+    settings = unique_settings(stack, quick_bundle, partitions=4,
+                               processing_guarantee="exactly_once")
+    ensure_topics(settings, stack["kafka"])
+    workers(settings)
+    second = workers(settings)
+    items = load_bundle(quick_bundle).items.item_ids[:20]
+    events = make_events(720, users=16, items=items)
+    feeder = send_paced(settings, events, rate=60)
+    time.sleep(5)
+    second.kill()
+    time.sleep(3)
+    workers(settings, ready=False)
+    feeder.join(60)
+    out, duplicates = every_output(settings, events, timeout=120)
+    print(f"exactly_once, two workers, one killed: in={len(events)} out={len(out)} "
+          f"duplicated={duplicates} lost=0")
+    assert_state_counts_each_event_once(final_states(settings, 16), events)
+    assert duplicates == 0
+
+
+def test_exactly_once_on_a_broker_without_transactions_stops_with_the_reason(
+        stack, quick_bundle, tmp_path, workers):
+    """A transaction state log that cannot be created (replication factor 3 on one broker):
+    the worker exits at start with a one-line reason, instead of hanging."""
+    from streams.local.stack import LocalKafka
+
+    kafka = LocalKafka(tmp_path / "kafka",
+                       overrides={"transaction.state.log.replication.factor": "3"})
+    kafka.start()
+    try:
+        settings = unique_settings({"kafka": kafka.bootstrap, "redis": stack["redis"]}, quick_bundle,
+                                   processing_guarantee="exactly_once",
+                                   transaction_init_timeout_s=5.0)
+        worker = workers(settings, ready=False)
+        assert worker.proc.wait(90) == 2
+        errors = [line for line in worker.log_path.read_text(errors="replace").splitlines()
+                  if line.startswith("error:")]
+        assert len(errors) == 1 and "needs Kafka transactions" in errors[0]
+        assert "transaction.state.log" in errors[0] and "no answer within 5 s" in errors[0]
+    finally:
+        kafka.stop()

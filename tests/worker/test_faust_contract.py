@@ -1,7 +1,6 @@
 """The faust-streaming internals the worker relies on (docs/architecture.md, "What replaces
 Faust's bookkeeping"). Each test names the behaviour replaced; one failing after an upgrade
 means: re-read that section, check whether the new Faust still needs the workaround, adapt."""
-import contextvars
 import importlib.metadata
 import inspect
 
@@ -40,12 +39,40 @@ def test_the_driver_thread_exposes_its_aiokafka_consumer():
     assert callable(AIOKafkaConsumerThread._ensure_consumer)
 
 
-def test_the_current_event_is_a_context_variable():
-    # Outputs and changelog records in exactly-once mode go through Faust's transaction of the
-    # event's source partition, found through faust.streams._current_event.
-    import faust.streams
+def test_exactly_once_reads_read_committed_once_inside_a_worker():
+    # Exactly-once relies on Faust's exactly_once consumer for read_committed (input and table
+    # recovery). Faust decides it once, when the consumer is made, from App.in_transaction,
+    # which is True only inside a worker: hence the consumer is made at start
+    # (InterestStreamApp.before_start), never at import.
+    from faust.app.base import App
 
-    assert isinstance(faust.streams._current_event, contextvars.ContextVar)
+    in_transaction = App.__dict__["in_transaction"]._cached_property__get  # mode's cached_property
+    assert "self.in_worker" in inspect.getsource(in_transaction)
+    assert "self.in_transaction = self.app.in_transaction" in inspect.getsource(Consumer.__init__)
+    make = inspect.getsource(AIOKafkaConsumerThread._create_worker_consumer)
+    assert 'isolation_level = "read_committed"' in make and "in_transaction" in make
+
+
+def test_fausts_own_transactional_producers_start_in_one_replaceable_call():
+    # TransactionalCommitter.install replaces the TransactionManager's on_rebalance (which
+    # starts Faust's per-partition producers, unused here) on the consumer's instance.
+    from faust.app.base import App
+    from faust.transport.consumer import TransactionManager
+
+    assigned = inspect.getsource(App._on_partitions_assigned)
+    assert "consumer.transactions.on_rebalance" in assigned
+    assert list(inspect.signature(TransactionManager.on_rebalance).parameters) == [
+        "self", "assigned", "revoked", "newly_assigned"]
+
+
+def test_the_worker_app_makes_no_consumer_at_import():
+    from faust.app.base import App
+
+    from streams.worker import pipeline  # noqa: F401  (builds the app, its agent and table)
+    from streams.worker.app import app
+
+    assert "self._consumer = self._new_consumer()" in inspect.getsource(App.consumer.fget)
+    assert app._consumer is None  # made on first use
 
 
 def test_recovery_exposes_what_the_recovery_watch_reads():

@@ -150,3 +150,12 @@ def test_any_order_of_completion_gives_the_same_commit(order):
     ledger.assign(TP, 0, now=0.0)
     processed(ledger, order)
     assert ledger.due([TP]) == {TP: 4}
+
+
+def test_frontier_with_counts_offsets_as_done_without_marking_them():
+    ledger = OffsetLedger()
+    assert ledger.frontier_with(TP, [0, 1]) is None  # not assigned yet: nothing to commit
+    ledger.assign(TP, 10, 0.0)
+    assert ledger.frontier_with(TP, [10, 11, 13]) == 12  # 12 missing: the frontier waits
+    assert ledger.frontier_with(TP, []) == 10
+    assert not ledger.seen(TP, 10)  # only asked, not marked

@@ -109,7 +109,8 @@ def test_overlap_leaves_one_batch_in_flight(log):
 
 
 def test_exactly_once_finishes_each_batch_before_the_next(log):
-    """Faust acks a batch when the agent asks for the next: its outputs must be sent by then."""
+    """Exactly-once commits a batch's transactions once submit returns: its outputs must be
+    sent by then."""
     seen_after_submit = []
     run_batches([[FakeEvent(0)], [FakeEvent(1)]], overlap=False,
                 after_each=lambda: seen_after_submit.append(list(log)))
@@ -157,6 +158,38 @@ def test_a_batch_failing_before_scoring_is_redone_one_by_one(log, monkeypatch):
     run_batches([[FakeEvent(4), FakeEvent(5), FakeEvent(6)]], overlap=True)
     assert [entry[1] for entry in log if entry[0] == "send"] == [4, 6]
     assert ("dlq", 5, "processing_failed") in log
+
+
+def test_exactly_once_leaves_a_failed_batch_to_its_transaction_and_isolates_it_when_asked(log):
+    """Exactly-once: a batch's error reaches the caller (which aborts and tries again); the
+    retry record by record dead-letters the record that fails, and a failed send is never
+    a record's fault."""
+    async def run():
+        pipe = pipeline.BatchPipeline(overlap=False, max_failures=5, transactional=True)
+        with pytest.raises(RuntimeError, match="broken record"):
+            await pipe.submit([FakeEvent(12), FakeEvent(13)])
+        assert ("dlq", 13, "processing_failed") not in log
+        assert await pipe.isolated([FakeEvent(12), FakeEvent(13)], RuntimeError("broken"))
+
+    asyncio.run(run())
+    assert ("dlq", 13, "processing_failed") in log
+
+
+def test_exactly_once_never_dead_letters_a_failed_send(log, monkeypatch):
+    from aiokafka.errors import KafkaError
+
+    async def send_output(topic, faust_event, key, value):
+        raise KafkaError("the broker went away")
+
+    monkeypatch.setattr(pipeline, "send_output", send_output)
+
+    async def run():
+        pipe = pipeline.BatchPipeline(overlap=False, max_failures=5, transactional=True)
+        await pipe.isolated([FakeEvent(1)], KafkaError("first try"))
+
+    with pytest.raises(KafkaError):
+        asyncio.run(run())
+    assert not [entry for entry in log if entry[0] == "dlq"]
 
 
 def test_failures_in_a_row_stop_the_agent_instead_of_dead_lettering_the_stream(log):

@@ -80,3 +80,39 @@ def test_a_rewrite_comes_when_due_with_the_keys_value_then(direct):
                                     (table.changelog_topic.get_topic_name(), b'"gone"', None, 2)]
     asyncio.run(states.rewrite_due(99.0))
     assert len(producer.sent) == sent + 2
+
+
+def test_a_rollback_puts_back_what_the_journal_saw_first_for_its_partitions_only(direct):
+    """Exactly-once: a transaction that does not commit leaves the memory as it found it."""
+    states, _, table = direct
+    asyncio.run(states.put(record(0), "kept", {"n_events": 1}))
+    asyncio.run(states.put(record(1), "other", {"n_events": 1}))
+    states.begin_journal()
+    asyncio.run(states.put(record(0), "kept", {"n_events": 2}))
+    asyncio.run(states.put(record(0), "kept", {"n_events": 3}))
+    asyncio.run(states.put(record(0), "new", {"n_events": 1}))
+    asyncio.run(states.put(record(1), "other", {"n_events": 2}))
+    states.rollback({0})
+    states.end_journal()
+    assert states.get("kept") == {"n_events": 1}  # the value before the first change
+    assert states.get("new") is None and "new" not in table.data
+    assert states.get("other") == {"n_events": 2}  # partition 1 committed: kept
+
+
+def test_a_rollback_brings_back_a_forgotten_state(direct):
+    states, _, _ = direct
+    asyncio.run(states.put(record(2), "u", {"n_events": 4}))
+    states.begin_journal()
+    asyncio.run(states.delete(record(2), "u"))
+    states.rollback({2})
+    states.end_journal()
+    assert states.get("u") == {"n_events": 4}
+
+
+def test_without_rewrites_a_forget_is_not_written_again_from_a_timer(direct):
+    """Exactly-once: a record sent from a timer would be outside every transaction."""
+    _, producer, table = direct
+    states = StateTable(table, send=producer.send, rewrites=False)
+    states.rewrite_later(0, "u", due=0.0)
+    asyncio.run(states.rewrite_due(now=1.0))
+    assert producer.sent == []

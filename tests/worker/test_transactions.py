@@ -1,0 +1,182 @@
+"""TransactionalBatches: one transaction per input partition and batch, what a failure puts back
+and what is tried again. Producers and the committer are fakes; the real broker's side is
+tests/integration/test_faults.py and test_recovery.py (exactly_once)."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from streams.worker import transactions
+from streams.worker.state_table import StateTable
+from streams.worker.transactions import TransactionalBatches
+
+
+class FakeProducer:
+    def __init__(self, partition: int, log: list, failures: list):
+        self.partition, self.log, self.failures = partition, log, failures
+
+    async def begin_transaction(self):
+        self.log.append(("begin", self.partition))
+
+    async def send(self, topic, value, key=None, partition=None, headers=None):
+        self.log.append(("send", self.partition, topic, value))
+        return asyncio.get_running_loop().create_future()
+
+    async def send_offsets_to_transaction(self, offsets, group_id):
+        self.log.append(("offsets", self.partition, offsets, group_id))
+
+    async def commit_transaction(self):
+        if self.failures:
+            raise self.failures.pop(0)
+        self.log.append(("commit", self.partition))
+
+    async def abort_transaction(self):
+        self.log.append(("abort", self.partition))
+
+
+class FakeCommitter:
+    def __init__(self, failures: dict[int, list], owned=(0, 1)):
+        self.log: list = []
+        producers = {p: FakeProducer(p, self.log, failures.setdefault(p, [])) for p in (0, 1)}
+        self.producers = SimpleNamespace(get=producers.__getitem__)
+        self.settings = SimpleNamespace(app_id="app")
+        self.owned, self.to_renew, self.committed = set(owned), set(), []
+        self.before_revoke = None
+
+    async def claim(self, partitions):
+        return partitions & self.owned
+
+    def fresh(self, events):
+        return list(events)
+
+    def offsets(self, partition, events):
+        return {("events", partition): max(fe.message.offset for fe in events) + 1}
+
+    def done(self, events, offsets):
+        self.committed.append(offsets)
+
+
+def record(partition: int, offset: int):
+    return SimpleNamespace(message=SimpleNamespace(partition=partition, offset=offset,
+                                                   tp=("events", partition)))
+
+
+def setup(failures=None, owned=(0, 1), processed=True):
+    committer = FakeCommitter(failures or {}, owned)
+    batches = TransactionalBatches(committer)
+    table = SimpleNamespace(data={"u0": 100, "u1": 100},
+                            changelog_topic=SimpleNamespace(get_topic_name=lambda: "changelog"))
+    batches.state_table = states = StateTable(table, send=batches.send_changelog, rewrites=False)
+    seen = []
+
+    async def process(events):
+        for fe in events:
+            p = fe.message.partition
+            seen.append((p, fe.message.offset))
+            await states.put(fe, f"u{p}", states.get(f"u{p}") + 1)
+            await batches.send(p, "recommendations", None, b"out-%d" % fe.message.offset)
+        return processed
+
+    return committer, batches, table, process, seen
+
+
+BATCH = [record(0, 5), record(1, 7), record(0, 6)]
+
+
+def test_each_partition_commits_its_outputs_state_and_offsets_together():
+    committer, batches, table, process, _ = setup()
+    asyncio.run(batches.run(BATCH, process))
+    for p, next_offset in ((0, 7), (1, 8)):
+        entries = [e for e in committer.log if e[1] == p]
+        assert entries[0] == ("begin", p) and entries[-1] == ("commit", p)
+        assert ("offsets", p, {("events", p): next_offset}, "app") in entries
+        sends = [e[2] for e in entries if e[0] == "send"]
+        assert "recommendations" in sends and "changelog" in sends  # in that partition's
+    assert table.data == {"u0": 102, "u1": 101}
+    assert not batches.busy
+
+
+def test_a_failed_commit_puts_that_partitions_state_back_and_tries_it_again_alone():
+    committer, batches, table, process, seen = setup({1: [KafkaError("broker went away")]})
+    asyncio.run(batches.run(BATCH, process))
+    assert ("abort", 1) in committer.log and ("abort", 0) not in committer.log
+    assert seen == [(0, 5), (1, 7), (0, 6), (1, 7)]  # only partition 1 again
+    assert table.data == {"u0": 102, "u1": 101}  # counted once: 100 put back, then +1
+    assert [e for e in committer.log if e[0] == "commit"] == [("commit", 0), ("commit", 1)]
+    assert len(committer.committed) == 2
+
+
+def test_a_fenced_partition_is_left_to_its_new_owner():
+    committer, batches, table, process, seen = setup({1: [ProducerFenced()]})
+    claims = []
+
+    async def claim(partitions):
+        claims.append(partitions)
+        if len(claims) > 1:
+            committer.owned.discard(1)  # the group gave it to another worker meanwhile
+        return partitions & committer.owned
+
+    committer.claim = claim
+    asyncio.run(batches.run(BATCH[:2], process))
+    assert 1 in committer.to_renew  # a new producer before it is used again
+    assert claims == [{0, 1}, {1}]
+    assert seen == [(0, 5), (1, 7)]  # not processed again here
+    assert table.data == {"u0": 101, "u1": 100}  # partition 1's change put back
+
+
+def test_a_stop_before_the_batch_is_processed_commits_nothing():
+    committer, batches, table, process, _ = setup(processed=False)
+    asyncio.run(batches.run(BATCH, process))
+    assert not [e for e in committer.log if e[0] == "commit"]  # offsets added, then aborted
+    assert ("abort", 0) in committer.log and ("abort", 1) in committer.log
+    assert table.data == {"u0": 100, "u1": 100}
+
+
+def test_a_send_that_fails_aborts_the_batch_and_tries_it_again():
+    committer, batches, table, _, seen = setup()
+    failures = [KafkaError("request timed out")]
+
+    async def process(events):
+        for fe in events:
+            seen.append(fe.message.offset)
+            await batches.state_table.put(fe, "u0", batches.state_table.get("u0") + 1)
+            if failures:
+                raise failures.pop()
+        return True
+
+    asyncio.run(batches.run([record(0, 5)], process))
+    assert seen == [5, 5]
+    assert table.data["u0"] == 101
+    assert committer.log.count(("abort", 0)) == 1 and committer.log.count(("commit", 0)) == 1
+
+
+def test_a_batch_that_keeps_failing_stops_the_worker():
+    committer, batches, _, process, _ = setup(
+        {0: [KafkaError("no")] * transactions.MAX_ATTEMPTS})
+    with pytest.raises(KafkaError, match="transactions in a row failed"):
+        asyncio.run(batches.run([record(0, 5)], process))
+    assert not batches.busy
+
+
+def test_a_batch_that_raises_is_tried_again_record_by_record_in_a_new_transaction():
+    """No record of the failed try reaches a committed transaction twice."""
+    committer, batches, table, process, seen = setup()
+    tries = []
+
+    async def failing(events):
+        await process(events[:1])  # sends the first record's output, then fails
+        raise ValueError("a bug")
+
+    async def isolated(events, exc):
+        tries.append(type(exc).__name__)
+        return await process(events)
+
+    asyncio.run(batches.run(BATCH, failing, isolated))
+    assert tries == ["ValueError"]
+    assert ("abort", 0) in committer.log and ("abort", 1) in committer.log
+    assert seen == [(0, 5), (0, 5), (1, 7), (0, 6)]
+    assert table.data == {"u0": 102, "u1": 101}  # the failed try's change put back
+    assert [e for e in committer.log if e[0] == "commit"] == [("commit", 0), ("commit", 1)]
