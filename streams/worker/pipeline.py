@@ -267,8 +267,8 @@ class BatchPipeline:
     loop decodes, updates state and talks to Redis. Outputs keep input order (a batch's sends
     wait for the previous batch's). A record's offset is committed only once its outputs are
     delivered (`delivered_by`, `streams.worker.committer`), so a batch in flight costs nothing in
-    at-least-once. Exactly-once leaves acks to Faust, which acks when the agent asks for the
-    next batch: there, each batch is finished before the next is taken.
+    at-least-once. Exactly-once commits a batch's transactions when `submit` returns: there,
+    each batch is finished before the next is taken (`streams.worker.transactions`).
     """
 
     def __init__(self, overlap: bool, max_failures: int, on_fault=None, transactional=False):

@@ -1,6 +1,7 @@
 """Fault injection during a steady replay: SIGKILL the worker again and again, restart Redis,
 stop and restart the broker. Afterwards nothing is lost, no state counts an event twice, and
-the DLQ holds exactly the invalid inputs. Run alone with `pytest -m faults -s`."""
+the DLQ holds exactly the invalid inputs; exactly-once, no output or dead letter is seen twice
+by a read_committed reader either. Run alone with `pytest -m faults -s`."""
 from __future__ import annotations
 
 import os
@@ -25,7 +26,8 @@ OVERLAP = int(os.environ.get("FAULT_BATCH_OVERLAP", "1"))  # 0: the same run wit
 
 
 def read_all(settings, topic: str, idle_s: float = 4.0) -> list:
-    cons = consumer(settings, settings.kafka_bootstrap_servers, f"faults-{time.time_ns()}")
+    cons = consumer(settings, settings.kafka_bootstrap_servers, f"faults-{time.time_ns()}",
+                    **{"isolation.level": "read_committed"})  # as exactly-once's readers should
     cons.subscribe([topic])
     out, last = [], time.monotonic()
     while time.monotonic() - last < idle_s:
@@ -111,7 +113,7 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
                           f"offset): {sorted(where.get(e, (-1, -1)) for e in lost)[:40]}")
         assert set(dlq_sources) == bad_sources  # exactly the invalid inputs
         assert_state_counts_each_event_once(final_states(settings, 25), good)
-        if guarantee == "exactly_once":  # read_all reads read_committed
+        if guarantee == "exactly_once":
             assert sum(n - 1 for n in got.values()) == 0
             assert sum(n - 1 for n in dlq_sources.values()) == 0
     finally:
