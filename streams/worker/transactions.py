@@ -225,7 +225,8 @@ class TransactionalBatches:
         self.group_id = committer.settings.app_id
         self.state_table = None  # the StateTable whose changes a failed transaction puts back
         self.busy = False  # inside run: a batch taken, its transactions not yet ended
-        committer.before_revoke = self.idle
+        self.open = False  # inside _attempt: transactions begun and not yet ended
+        committer.before_revoke = self.transactions_ended
 
     async def send(self, source_partition: int, topic: str, key: bytes | None,
                    value: bytes | None, partition: int | None = None, headers=None):
@@ -275,8 +276,17 @@ class TransactionalBatches:
             self.busy = False
 
     async def idle(self, timeout_s: float) -> None:
+        """Wait until the batch taken is committed or aborted (a stop)."""
         deadline = time.monotonic() + timeout_s
         while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def transactions_ended(self, timeout_s: float) -> None:
+        """Wait until no transaction is open (a revoke). Not `idle`: a batch still claiming
+        its partitions asks the consumer thread for committed offsets, and that thread is
+        inside the rebalance waiting for this; it has opened no transaction yet."""
+        deadline = time.monotonic() + timeout_s
+        while self.open and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -292,6 +302,7 @@ class TransactionalBatches:
         offsets = {p: self.committer.offsets(p, by_partition[p]) for p in partitions}
         self.state_table.begin_journal()
         adding: list = []
+        self.open = True
         try:
             try:
                 for p in partitions:
@@ -325,6 +336,7 @@ class TransactionalBatches:
             self.state_table.rollback(failed)
             return failed
         finally:
+            self.open = False
             self.state_table.end_journal()
 
     async def _add_offsets(self, partition: int, offsets: dict) -> None:

@@ -180,3 +180,31 @@ def test_a_batch_that_raises_is_tried_again_record_by_record_in_a_new_transactio
     assert seen == [(0, 5), (0, 5), (1, 7), (0, 6)]
     assert table.data == {"u0": 102, "u1": 101}  # the failed try's change put back
     assert [e for e in committer.log if e[0] == "commit"] == [("commit", 0), ("commit", 1)]
+
+
+def test_a_revoke_waits_for_open_transactions_not_for_a_batch_still_claiming():
+    """The revoke runs inside the rebalance; a batch claiming its partitions may be waiting
+    on the consumer thread, which waits for the revoke: it must not be waited for."""
+    committer, batches, _, process, _ = setup()
+    claiming, release = asyncio.Event(), None
+
+    async def run():
+        nonlocal release
+        release = asyncio.Event()
+        original = committer.claim
+
+        async def slow_claim(partitions):
+            claiming.set()
+            await release.wait()  # the consumer thread is busy with the rebalance
+            return await original(partitions)
+
+        committer.claim = slow_claim
+        task = asyncio.ensure_future(batches.run(BATCH, process))
+        await claiming.wait()
+        await asyncio.wait_for(committer.before_revoke(5.0), 0.5)  # returns at once
+        assert batches.busy and not batches.open
+        release.set()
+        await task
+
+    asyncio.run(run())
+    assert not batches.open
