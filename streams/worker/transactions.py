@@ -324,16 +324,19 @@ class TransactionalBatches:
                 return set()
             results = await asyncio.gather(*(self._commit(p, by_partition[p], offsets[p])
                                              for p in partitions), return_exceptions=True)
-            failed = set()
+            failed, fenced = set(), set()
             for p, result in zip(partitions, results):
-                if isinstance(result, BaseException):
-                    failed.add(p)
+                if isinstance(result, FENCED):
+                    # another worker made a producer with this id: the partition is its now
+                    # (not tried again here; renewed before this worker uses it again)
+                    log.warning("partition %d was fenced: left to its new owner", p)
+                    fenced.add(p)
+                    self.committer.to_renew.add(p)
+                elif isinstance(result, BaseException):
                     log.warning("commit of partition %d failed: %r", p, result)
-                    if isinstance(result, FENCED):
-                        self.committer.to_renew.add(p)  # another owner: claim() re-checks
-                    else:
-                        await self._abort(p)
-            self.state_table.rollback(failed)
+                    failed.add(p)
+                    await self._abort(p)
+            self.state_table.rollback(failed | fenced)
             return failed
         finally:
             self.open = False
