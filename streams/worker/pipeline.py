@@ -298,11 +298,16 @@ class BatchPipeline:
     async def submit(self, events: Sequence) -> bool:
         """Take a micro-batch; control records split it so that order per user is kept.
         False: closed, the batch is left unprocessed."""
+        return await self._taken(self._submit(events))
+
+    async def _taken(self, work) -> bool:
+        """Run `work` (a coroutine: one batch) marked busy; False: closed, not run."""
         if self.closed:
+            work.close()
             return False
         self.busy = True
         try:
-            await self._submit(events)
+            await work
         finally:
             self.busy = False
         return True
@@ -407,14 +412,7 @@ class BatchPipeline:
 
     async def isolated(self, events: Sequence, exc: Exception) -> bool:
         """`isolate` as a batch of its own (exactly-once, after the failed try was aborted)."""
-        if self.closed:
-            return False
-        self.busy = True
-        try:
-            await self.isolate(events, exc)
-        finally:
-            self.busy = False
-        return True
+        return await self._taken(self.isolate(events, exc))
 
     async def process_alone(self, fe) -> None:
         prepared = await prepare_segment([fe])

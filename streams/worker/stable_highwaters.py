@@ -27,7 +27,3 @@ async def _highwaters_from_the_broker(self, partitions):
 
 def install() -> None:
     AIOKafkaConsumerThread._highwaters = _highwaters_from_the_broker
-
-
-def installed() -> bool:
-    return AIOKafkaConsumerThread._highwaters is _highwaters_from_the_broker

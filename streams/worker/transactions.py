@@ -39,15 +39,19 @@ from streams.worker.committer import Committer
 
 log = logging.getLogger(__name__)
 
-FENCED = (ProducerFenced,)
 MAX_ATTEMPTS = 3  # a batch whose transaction fails this often in a row stops the worker
 # aiokafka retries a transactional request after retry_backoff_ms (100 by default), and a
 # transaction begun while the previous one's markers are still being written is answered
 # "concurrent transactions" (KAFKA-5477): back to back, commits took 20-70 ms (p90 ~110 ms)
 # in the bench with 100 ms, 6-20 ms with 10.
 RETRY_BACKOFF_MS = 10
-PROBE = -1  # the transactional id a worker checks transactions with at start
 REVOKE_WAIT_S = 20.0  # under the group's rebalance timeout (30 s, streams.worker.app)
+
+
+async def wait_while(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 class TransactionsUnavailable(InterestStreamError):
@@ -61,9 +65,8 @@ class PartitionProducers:
         self.settings, self.app = settings, app
         self.producers: dict[int, AIOKafkaProducer] = {}
 
-    def transactional_id(self, partition: int) -> str:
-        suffix = "probe" if partition == PROBE else partition
-        return f"{self.settings.app_id}-eos-{suffix}"
+    def transactional_id(self, partition: int | str) -> str:
+        return f"{self.settings.app_id}-eos-{partition}"
 
     def get(self, partition: int) -> AIOKafkaProducer:
         return self.producers[partition]
@@ -72,8 +75,16 @@ class PartitionProducers:
         """A new producer for `partition`: fences every earlier one with its id (ours or a
         previous owner's) and ends its open transaction."""
         await self.drop(partition)
-        tid, bootstrap = self.transactional_id(partition), resolve_kafka(self.settings)
-        conf = self.app.conf
+        self.producers[partition] = await self._start(self.transactional_id(partition))
+
+    async def probe(self) -> None:
+        """Start and stop one transactional producer: a broker that cannot run transactions
+        is reported when the worker starts, not at its first event."""
+        await (await self._start(self.transactional_id("probe"))).stop()
+
+    async def _start(self, tid: str) -> AIOKafkaProducer:
+        """A started producer with transactional id `tid`, its `init_transactions` done."""
+        bootstrap, conf = resolve_kafka(self.settings), self.app.conf
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap, client_id=tid, transactional_id=tid,
             linger_ms=1, max_batch_size=256 * 1024,  # as the app's producer (streams.worker.app)
@@ -92,13 +103,7 @@ class PartitionProducers:
                 "check that its transaction state log can be created (transaction.state.log."
                 "replication.factor and min.isr at most the live brokers) and that this client "
                 "may use transactional ids, or set PROCESSING_GUARANTEE=at_least_once") from exc
-        self.producers[partition] = producer
-
-    async def probe(self) -> None:
-        """Start and stop one transactional producer: a broker that cannot run transactions
-        is reported when the worker starts, not at its first event."""
-        await self.renew(PROBE)
-        await self.drop(PROBE)
+        return producer
 
     @staticmethod
     async def _init(producer: AIOKafkaProducer) -> None:
@@ -277,17 +282,13 @@ class TransactionalBatches:
 
     async def idle(self, timeout_s: float) -> None:
         """Wait until the batch taken is committed or aborted (a stop)."""
-        deadline = time.monotonic() + timeout_s
-        while self.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_while(lambda: self.busy, timeout_s)
 
     async def transactions_ended(self, timeout_s: float) -> None:
         """Wait until no transaction is open (a revoke). Not `idle`: a batch still claiming
         its partitions asks the consumer thread for committed offsets, and that thread is
         inside the rebalance waiting for this; it has opened no transaction yet."""
-        deadline = time.monotonic() + timeout_s
-        while self.open and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_while(lambda: self.open, timeout_s)
 
     async def stop(self) -> None:
         await self.producers.stop_all()
@@ -326,7 +327,7 @@ class TransactionalBatches:
                                              for p in partitions), return_exceptions=True)
             failed, fenced = set(), set()
             for p, result in zip(partitions, results):
-                if isinstance(result, FENCED):
+                if isinstance(result, ProducerFenced):
                     # another worker made a producer with this id: the partition is its now
                     # (not tried again here; renewed before this worker uses it again)
                     log.warning("partition %d was fenced: left to its new owner", p)
