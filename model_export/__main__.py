@@ -117,7 +117,8 @@ def cmd_quality(args) -> int:
 
     dataset = _dataset(args)
     out = Path(args.out or f"artifacts/quality-{dataset.name}")
-    result = quality(dataset, args.seeds, out, rebuild=not args.reuse)
+    result = quality(dataset, args.seeds, out, rebuild=not args.reuse,
+                     long_cfg={"n_layer": args.long_layers})
     path = Path(args.json or f"{out}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     q.add_argument("--reuse", action="store_true",
                    help="re-read the bundles already in --out instead of building them")
     q.add_argument("--json", help="results (default: the --out folder's name + .json)")
+    q.add_argument("--long-layers", type=int, default=0,
+                   help="the long-term model's encoder layers (0: pooled; 2: a BERT)")
     q.set_defaults(func=cmd_quality)
     for p in (b, q):
         p.add_argument("--items-in-log", action="store_true",

@@ -17,13 +17,15 @@ from .train import TrainConfig
 FUSED_ROWS = ("fused_fixed", "fused_gate")
 
 
-def quality(dataset: data.Dataset, seeds: list[int], out_dir: Path, rebuild: bool = True
-            ) -> dict:
-    """Build (or with `rebuild=False` re-read) one bundle per seed under `out_dir`."""
+def quality(dataset: data.Dataset, seeds: list[int], out_dir: Path, rebuild: bool = True,
+            long_cfg: dict | None = None) -> dict:
+    """Build (or with `rebuild=False` re-read) one bundle per seed under `out_dir`;
+    `long_cfg` overrides the long-term model's configuration (e.g. {"n_layer": 2})."""
     runs = {}
     for seed in seeds:
         manifest = (build(dataset, out_dir / f"seed{seed}",
-                          train_cfg=TrainConfig(seed=seed, progress=False)) if rebuild
+                          train_cfg=TrainConfig(seed=seed, progress=False),
+                          long_cfg=long_cfg) if rebuild
                     else load_bundle(out_dir / f"seed{seed}").manifest)
         runs[seed] = {name: m["ndcg@10"] for name, m in manifest["metrics"].items()}
         runs[seed]["build_seconds"] = manifest["build_seconds"]

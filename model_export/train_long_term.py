@@ -1,10 +1,13 @@
 """Training the long-term model and choosing its settings and the fusion on the validation split.
 
-Examples are (user, t): the tower reads the newest `window` items before position t - lag and
+Examples are (user, t): the tower reads the newest `window` items before position t and
 predicts item t through the GPT's (frozen) item embeddings, so h_l lives in the space the
-fusion scores in. The served lag is 0: the worker brings the refreshed vector up to date with
-every event since the refresh (`streams.inference.LongTermUpdater`), so training uses lag 0
-and evaluation reports other lags beside it (`evaluate --long-term-lag`).
+fusion scores in. The pooled tower's served lag is 0: the worker brings the refreshed vector
+up to date with every event since the refresh (`streams.inference.LongTermUpdater`), so it
+trains on the next item. The BERT kind is served as refreshed, some events old, so each of its
+inputs predicts the next `future_targets` items (PinnerFormer's dense all-action loss, for
+the same reason): it trains on every lag from 0 to future_targets - 1, and one encoding
+serves that many examples. Evaluation reports other lags (`evaluate --long-term-lag`).
 
 Every choice (half-life, text input, epochs) is made on the validation item of each user,
 which neither model trained on; the test item is never looked at here.
@@ -38,6 +41,9 @@ class LongTermTrainConfig:
     half_lives: tuple[float, ...] = (1e9, 50.0)  # candidates (items), picked on validation
     use_text: tuple[bool, ...] = (True, False)  # text input on or off, picked on validation
     ema_decay: float | None = 0.95  # per step; validated and served: the weights' moving mean
+    # the BERT kind: each input predicts this many next items (served stale, see above); its
+    # positions by age already express recency, so it is trained at one half-life (the first)
+    future_targets: int = 8
     seed: int = 0
     progress: bool = True
 
@@ -55,6 +61,15 @@ def batch_inputs(seqs: list[np.ndarray], examples: np.ndarray, window: int, lag:
     weight 0, so a narrower batch computes the same vectors, faster)."""
     width = max(1, min(window, int(examples[:, 1].max()) - lag)) if len(examples) else 1
     return torch.from_numpy(np.stack([left_window(seqs[u], t - lag, width) for u, t in examples]))
+
+
+def future_targets(seqs: list[np.ndarray], examples: np.ndarray, n: int) -> torch.Tensor:
+    """(M, n) items t .. t+n-1 of each (user, t) example; -100 (ignored) past a sequence's end."""
+    out = np.full((len(examples), n), -100, np.int64)
+    for i, (u, t) in enumerate(examples):
+        ahead = seqs[u][t:t + n]
+        out[i, :len(ahead)] = ahead
+    return torch.from_numpy(out)
 
 
 def train_examples(seqs: list[np.ndarray]) -> np.ndarray:
@@ -145,17 +160,20 @@ def train_tower(cfg: LongTermConfig, text_emb: torch.Tensor, item_emb: torch.Ten
     ema = None if tcfg.ema_decay is None else AveragedModel(
         model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
     served = model if ema is None else ema.module  # what is validated and returned
+    n_targets = 1 if cfg.incremental else tcfg.future_targets
     for epoch in range(1, tcfg.max_epochs + 1):
         model.train()
-        order = gen.permutation(len(examples))[:tcfg.epoch_examples]
+        order = gen.permutation(len(examples))[:tcfg.epoch_examples // n_targets]
         bar = tqdm(total=len(order), desc=f"long-term e{epoch}", unit="ex", leave=False,
                    disable=not tcfg.progress)
         for start in range(0, len(order), tcfg.batch_size):
             ex = examples[order[start:start + tcfg.batch_size]]
             rows = batch_inputs(seqs, ex, cfg.window)
-            targets = torch.from_numpy(np.array([seqs[u][t] for u, t in ex]))
+            targets = future_targets(seqs, ex, n_targets)  # (B, n_targets)
             h_l = model(rows, recency_weights((rows > 0).float(), cfg.half_life))  # (B, D)
-            loss = F.cross_entropy(h_l @ item_emb.T, targets)
+            logits = (h_l @ item_emb.T)[:, None].expand(-1, n_targets, -1)  # (B, n, n_rows)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,7 +235,8 @@ def choose_long_term(base: LongTermConfig, text_emb: torch.Tensor, gpt: ItemGPT,
     arrays = [np.asarray(s, np.int64) for s in seqs]
     gpt_only = ndcg_at_10(val.h_s, item_emb, val.targets, val.seen)
     report, best = {"gpt": round(gpt_only, 4)}, None
-    for half_life in tcfg.half_lives:
+    half_lives = tcfg.half_lives if base.incremental else tcfg.half_lives[:1]
+    for half_life in half_lives:
         for use_text in tcfg.use_text:
             cfg = replace(base, half_life=half_life, use_text=use_text)
             model, alone, epochs = train_tower(cfg, text_emb, item_emb, arrays, val, tcfg)

@@ -69,6 +69,11 @@ class Settings:
     #: TRANSACTION_INIT_TIMEOUT_S: exactly-once gives up (one-line error, exit) when the broker
     #: has not started a transaction within this long
     transaction_init_timeout_s: float = 30.0
+    #: TRANSACTION_COMMIT_MS: exactly-once commits after each batch once the worker has
+    #: caught up (less than BATCH_SIZE records behind), and under a backlog this long after
+    #: the transaction began; 0: after every batch. A read_committed consumer sees an output
+    #: at its commit, so under a backlog this trades latency for throughput
+    transaction_commit_ms: float = 100.0
     #: MAX_CONSECUTIVE_FAILURES: records in a row whose processing fails (each tried twice,
     #: then dead-lettered as processing_failed) before the worker counts the fault as its own
     #: and exits non-zero
@@ -113,6 +118,9 @@ class Settings:
             )
         if self.fusion_alpha is not None and not 0.0 <= self.fusion_alpha <= 1.0:
             raise ConfigError(f"FUSION_ALPHA={self.fusion_alpha} must lie in [0, 1]")
+        if not 0 <= self.transaction_commit_ms <= 60_000:
+            raise ConfigError(f"TRANSACTION_COMMIT_MS={self.transaction_commit_ms:g} must lie in "
+                              "[0, 60000] (under the broker's transaction timeout)")
         if self.forget_within_s < 1:
             raise ConfigError(f"FORGET_WITHIN_S={self.forget_within_s} must be >= 1")
         for name in ("partitions", "batch_size", "top_k", "short_term_len", "dedup_window",

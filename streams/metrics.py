@@ -32,6 +32,12 @@ CONSUMER_LAG = Gauge("consumer_lag", "Records behind the end of the events topic
 BATCH_ERRORS = Counter("batch_errors_total",
                        "Batches that failed (their records are processed again one by one)",
                        registry=REGISTRY)
+TRANSACTION_BATCHES = Histogram("transaction_batches",
+                                "Exactly-once: micro-batches per commit of the open transactions",
+                                registry=REGISTRY, buckets=(1, 2, 3, 5, 10, 20, 50))
+TRANSACTIONS_ABORTED = Counter("transactions_aborted_total",
+                               "Exactly-once: partitions' transactions aborted (their records "
+                               "processed again)", registry=REGISTRY)
 RECOVERY_REREADS = Counter("recovery_rereads_total",
                            "Changelog partitions read again after their recovery stalled",
                            registry=REGISTRY)

@@ -14,7 +14,9 @@ def test_defaults_and_env_parsing():
 
 @pytest.mark.parametrize("env", [{"FUSION_MODE": "max"}, {"BATCH_SIZE": "x"}, {"BATCH_SIZE": "0"},
                                  {"FUSION_ALPHA": "2"}, {"EVENT_WEIGHTS": "click"},
-                                 {"PROCESSING_GUARANTEE": "maybe"}])
+                                 {"PROCESSING_GUARANTEE": "maybe"},
+                                 {"TRANSACTION_COMMIT_MS": "-1"},
+                                 {"TRANSACTION_COMMIT_MS": "600000"}])
 def test_bad_settings_fail_with_config_error(env):
     with pytest.raises(ConfigError):
         Settings.from_env(env)

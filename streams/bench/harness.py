@@ -104,6 +104,7 @@ class Bench:
                     TOPIC_DLQ=s.topic_dlq, TOPIC_CONTROL=s.topic_control,
                     PARTITIONS=str(s.partitions), LOG_LEVEL="WARNING",
                     PROCESSING_GUARANTEE=s.processing_guarantee,
+                    TRANSACTION_COMMIT_MS=str(s.transaction_commit_ms),
                     MAX_FUTURE_SKEW_S=str(10**9), STATE_DIR=str(s.state_dir / "bench"))
 
     def preload(self, s: Settings, events: list[Event], restamp: bool = False) -> None:
@@ -187,11 +188,13 @@ class Bench:
         return len(users)
 
     def agent_throughput(self, command: str, events: list[Event], long_term: bool = True,
-                         guarantee: str = "at_least_once") -> dict:
+                         guarantee: str = "at_least_once", commit_ms: float | None = None
+                         ) -> dict:
         """One run of `command` over `events`; the worker's users hold long-term vectors
         unless `long_term` is False (the arm that prices the per-event update). Outputs are
-        read read_committed (exactly-once: as its consumers see them)."""
-        s = self.fresh(processing_guarantee=guarantee)
+        read read_committed (exactly-once: as its consumers see them); `commit_ms`:
+        TRANSACTION_COMMIT_MS (default: the bench's settings)."""
+        s = self.fresh(processing_guarantee=guarantee, **_commit_ms(commit_ms))
         self.preload(s, events)
         long_term_users = self.seed_long_term(s, events) if command == "worker" and long_term else 0
         proc = self.children.start(f"bench-{command}-{s.app_id}", [command], self.env(s))
@@ -218,7 +221,7 @@ class Bench:
 
     def throughput_rounds(self, arms: list[tuple], events: list[Event], rounds: int
                           ) -> list[dict]:
-        """Each arm's (command, with long-term vectors[, processing guarantee]) best of
+        """Each arm's (command, with long-term vectors[, guarantee[, commit ms]]) best of
         `rounds` runs, the arms alternated: noise only slows a run (a broker still warming up
         its JIT and heap, a busy minute), and it hits every arm."""
         runs = {arm: [] for arm in arms}
@@ -255,8 +258,8 @@ class Bench:
         return {"events": n, "seconds": round(seconds, 2), "events_per_s": round(n / seconds, 1)}
 
     def latency(self, events: list[Event], rates: list[int], duration_s: float,
-                guarantee: str = "at_least_once") -> dict:
-        s = self.fresh(processing_guarantee=guarantee)
+                guarantee: str = "at_least_once", commit_ms: float | None = None) -> dict:
+        s = self.fresh(processing_guarantee=guarantee, **_commit_ms(commit_ms))
         ensure_topics(s, self.kafka)
         proc = self.children.start(f"bench-latency-{s.app_id}", [os.environ.get("BENCH_AGENT", "worker")], self.env(s))
         # One long-lived producer, as a real source would have: a new idempotent producer
@@ -369,3 +372,7 @@ def publish_copies(bundle: Path, root: Path) -> Path:
         (copy / MANIFEST).write_text(json.dumps(dict(manifest, version=f"{manifest['version']}-{name}")))
     publish(root / "current", root / "a")
     return root / "current"
+
+
+def _commit_ms(commit_ms: float | None) -> dict:
+    return {} if commit_ms is None else {"transaction_commit_ms": commit_ms}

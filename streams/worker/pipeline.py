@@ -54,10 +54,12 @@ _serving: Serving | None = None
 transactional = settings.processing_guarantee == "exactly_once"
 # At-least-once: input offsets are committed from what was processed and delivered, and the
 # worker writes the state's changelog records itself, as its outputs. Exactly-once: offsets,
-# outputs and changelog records go in one transaction per input partition and batch.
+# outputs and changelog records go in one transaction per input partition, committed every
+# TRANSACTION_COMMIT_MS.
 if transactional:
     committer: Committer = TransactionalCommitter(app, settings, PartitionProducers(settings, app))
-    batches: TransactionalBatches | None = TransactionalBatches(committer)
+    batches: TransactionalBatches | None = TransactionalBatches(
+        committer, settings.transaction_commit_ms / 1000, settings.batch_size)
     state_table = StateTable(short_term_table, send=batches.send_changelog, rewrites=False)
     batches.state_table = state_table
 else:
@@ -267,8 +269,8 @@ class BatchPipeline:
     loop decodes, updates state and talks to Redis. Outputs keep input order (a batch's sends
     wait for the previous batch's). A record's offset is committed only once its outputs are
     delivered (`delivered_by`, `streams.worker.committer`), so a batch in flight costs nothing in
-    at-least-once. Exactly-once commits a batch's transactions when `submit` returns: there,
-    each batch is finished before the next is taken (`streams.worker.transactions`).
+    at-least-once. Exactly-once: a batch's records go into the open transactions, and a
+    commit first waits for the batch in flight (`flush`; `streams.worker.transactions`).
     """
 
     def __init__(self, overlap: bool, max_failures: int, on_fault=None, transactional=False):
@@ -579,17 +581,19 @@ def score(prepared: Prepared) -> list[RecommendationBatch]:
 async def recommend(stream):
     serving()  # `python -m streams worker` has loaded it; freeze it with the rest
     settle_heap()
-    # Exactly-once finishes each batch, its transactions committed, before taking the next.
     global active_pipeline
-    pipeline = BatchPipeline(overlap=not transactional and settings.batch_overlap == 1,
+    pipeline = BatchPipeline(overlap=settings.batch_overlap == 1,
                              max_failures=settings.max_consecutive_failures, on_fault=crashed,
                              transactional=transactional)
     active_pipeline = pipeline
+    if batches is not None:
+        batches.bind(pipeline.submit, pipeline.isolated, pipeline.flush, pipeline.abandon,
+                     on_fault=crashed)
     try:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             switch_to_published_bundle()
             if batches is not None:
-                await batches.run(events, pipeline.submit, pipeline.isolated)
+                await batches.run(events)
             else:
                 await pipeline.submit(committer.fresh(events))
     except Exception as exc:
@@ -610,12 +614,13 @@ async def commit_on_stop(app, **kwargs) -> None:
     """A stop commits what was delivered while the consumer is still a group member: Faust has
     stopped fetching by then, and stops the agent (whose own last commit may be cut short by
     its cancellation) and the consumer only after this signal. Exactly-once: the batch in
-    progress commits its transactions (or aborts them), then the producers stop."""
+    progress is handed on, the open transactions commit (or abort), then the producers stop."""
     if active_pipeline is not None:
         active_pipeline.close()
         await active_pipeline.idle(STOP_DRAIN_S)
     if batches is not None:
         await batches.idle(STOP_DRAIN_S)
+        await batches.commit_open(STOP_DRAIN_S)
         await batches.stop()
     await commit_delivered()
 

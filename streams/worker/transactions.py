@@ -1,7 +1,8 @@
 """Exactly-once (PROCESSING_GUARANTEE=exactly_once): one Kafka transaction per input partition
-and micro-batch, holding everything the batch wrote for that partition — recommendations, dead
-letters, re-routed forgets, state changelog records — and the partition's input offsets
-(`send_offsets_to_transaction` with the group), committed together or not at all.
+and TRANSACTION_COMMIT_MS (0: per micro-batch), holding everything its batches wrote for that
+partition — recommendations, dead letters, re-routed forgets, state changelog records — and the
+partition's input offsets (`send_offsets_to_transaction` with the group), committed together
+or not at all.
 
 - One transactional aiokafka producer per input partition, transactional id
   `{APP_ID}-eos-{partition}`. Starting one (`init_transactions`, which `begin_transaction`
@@ -9,10 +10,10 @@ letters, re-routed forgets, state changelog records — and the partition's inpu
   transaction; the group's committed offsets are read only after that, so they are stable.
 - The consumer reads `read_committed` (Faust's exactly_once consumer), so a state table is
   restored only from committed changelog records and an aborted batch leaves no trace in it.
-- What the worker's memory changed in a batch that did not commit is put back
+- What the worker's memory changed in a transaction that did not commit is put back
   (`StateTable.begin_journal`, `rollback`) before the batch is tried again; Redis writes are
-  idempotent by the event's place in the user's history, so a retried batch appends nothing
-  twice.
+  idempotent by the event's place in the user's history, so a retried transaction appends
+  nothing twice.
 
 Faust's own transactions (its timer commits every `COMMIT_INTERVAL_S` of whatever its acks
 reached, not aligned with the agent's batches) are bypassed: the input topics are declared
@@ -32,6 +33,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
+from streams import metrics
 from streams.config import Settings
 from streams.errors import InterestStreamError
 from streams.local.endpoints import resolve_kafka
@@ -210,6 +212,22 @@ class TransactionalCommitter(Committer):
                     out[TopicPartition(tp.topic, tp.partition)] = frontier
         return out
 
+    def lag(self, events: Sequence) -> int:
+        """How many records the log holds beyond `events` in their partitions, as far as
+        the consumer's last fetch knows (the most over the partitions)."""
+        last: dict = {}
+        for fe in events:
+            last[fe.message.tp] = max(last.get(fe.message.tp, -1), fe.message.offset)
+        behind = 0
+        for tp, offset in last.items():
+            try:
+                highwater = self.app.consumer.highwater(tp)
+            except Exception:  # revoked meanwhile: nothing to wait for there
+                continue
+            if highwater is not None:
+                behind = max(behind, highwater - offset - 1)
+        return behind
+
     def done(self, events: Sequence, offsets: dict) -> None:
         """The transaction holding `events` committed `offsets`."""
         now = time.monotonic()
@@ -223,15 +241,53 @@ class TransactionalCommitter(Committer):
 
 
 class TransactionalBatches:
-    """Runs each micro-batch inside one transaction per input partition, retried whole."""
+    """Runs micro-batches inside one transaction per input partition, retried whole and
+    committed after a batch that leaves less than a full batch (BATCH_SIZE) behind it in the
+    log, or else TRANSACTION_COMMIT_MS after the transaction began (0: after each batch).
 
-    def __init__(self, committer: TransactionalCommitter) -> None:
+    Under a backlog the transactions span the interval, and the worker pays for a commit
+    once per interval, not per batch. A worker that keeps up commits each batch at once, so
+    the interval adds no latency to a stream that is not backlogged.
+
+    While a transaction is open, batches follow each other as in at-least-once (batch k is
+    scored while k+1 is prepared); a commit first lets the batch in flight publish. The agent
+    `bind`s its pipeline's callables; `run` takes one batch. A task commits a transaction that
+    came due with no batch to carry it, a revoke and a stop commit at once (`commit_open`).
+    """
+
+    def __init__(self, committer: TransactionalCommitter, commit_interval_s: float = 0.0,
+                 backlog: int = 1) -> None:
         self.committer, self.producers = committer, committer.producers
         self.group_id = committer.settings.app_id
+        self.commit_interval_s = commit_interval_s
+        self.backlog = backlog  # BATCH_SIZE: this many records behind a batch: a backlog
         self.state_table = None  # the StateTable whose changes a failed transaction puts back
-        self.busy = False  # inside run: a batch taken, its transactions not yet ended
-        self.open = False  # inside _attempt: transactions begun and not yet ended
-        committer.before_revoke = self.transactions_ended
+        # per partition: the records processed in its open transaction, oldest first; the
+        # offsets last added to it and the requests adding them
+        self.taken: dict[int, list] = {}
+        self.offsets: dict[int, dict] = {}
+        self.adding: dict[int, list[asyncio.Future]] = {}
+        self.open: set[int] = set()  # partitions whose transaction has begun, not yet ended
+        self.opened_at = 0.0
+        self.batches_held = 0  # batches processed into the open transactions
+        self.busy = False  # inside run: a batch taken and not yet handed on
+        self.lock = asyncio.Lock()  # one of run, the due commit, a revoke or a stop at a time
+        self._closer: asyncio.Future | None = None
+        self.bind(_unbound)
+        committer.before_revoke = self.commit_open
+
+    def bind(self, process: Callable[[Sequence], Awaitable[bool]],
+             isolated: Callable[..., Awaitable[bool]] | None = None,
+             flush: Callable[[], Awaitable[None]] | None = None,
+             abandon: Callable[[], Awaitable[None]] | None = None,
+             on_fault: Callable[[BaseException], None] | None = None) -> None:
+        """`process(events)` takes a batch (False: it left them unprocessed, a stop);
+        `isolated(events, exc=…)` takes it record by record; `flush()` returns once the batch
+        in flight is published (raising its error), `abandon()` once it ended either way;
+        `on_fault` hears of a due commit that failed for good."""
+        self.process, self.isolated = process, isolated
+        self.flush, self.abandon = flush or _nothing, abandon or _nothing
+        self.on_fault = on_fault
 
     async def send(self, source_partition: int, topic: str, key: bytes | None,
                    value: bytes | None, partition: int | None = None, headers=None):
@@ -244,87 +300,149 @@ class TransactionalBatches:
         """A state record: its changelog partition is its event's input partition."""
         return await self.send(partition, topic, key, value, partition)
 
-    async def run(self, events: Sequence, process: Callable[[Sequence], Awaitable[bool]],
-                  isolated: Callable[[Sequence, Exception], Awaitable[bool]] | None = None
-                  ) -> None:
-        """Process `events` (`process` returns False when it left them unprocessed) and commit
-        them with their offsets, one transaction per input partition. A partition whose
-        transaction fails is put back and tried again, MAX_ATTEMPTS times in all; a batch
-        whose processing raised (not a send) is tried again with `isolated`, record by
-        record."""
-        self.busy = True
+    async def run(self, events: Sequence) -> None:
+        """Process `events` in their partitions' open transactions (begun if none is), and
+        commit them if due or if the worker has caught up. Claiming the partitions (which
+        may wait on the consumer thread, busy with a rebalance that waits for `commit_open`)
+        is done before the lock."""
+        self.busy, caught_up = True, self.committer.lag(events) < self.backlog
         try:
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                ours = await self.committer.claim({fe.message.partition for fe in events})
-                events = self.committer.fresh([fe for fe in events
-                                               if fe.message.partition in ours])
-                if not events:
-                    return
-                try:
-                    failed = await self._attempt(events, process)
-                except Exception as exc:
-                    if isolated is None:
-                        raise
-                    log.warning("a batch of %d records failed (%s: %s): tried again record by "
-                                "record", len(events), type(exc).__name__, exc)
-                    process, isolated = partial(isolated, exc=exc), None
-                    continue
-                if not failed:
-                    return
-                events = [fe for fe in events if fe.message.partition in failed]
-                log.warning("transactions of partitions %s aborted (attempt %d of %d): their %d "
-                            "records are processed again", sorted(failed), attempt,
-                            MAX_ATTEMPTS, len(events))
-            raise KafkaError(f"{MAX_ATTEMPTS} transactions in a row failed for partitions "
-                             f"{sorted({fe.message.partition for fe in events})}")
+            ours = await self.committer.claim({fe.message.partition for fe in events})
+            async with self.lock:
+                taken = {(fe.message.tp, fe.message.offset) for fe in self._held()}
+                events = self.committer.fresh([
+                    fe for fe in events if fe.message.partition in ours
+                    and (fe.message.tp, fe.message.offset) not in taken])
+                if events:
+                    await self._take(events, self.process, self.isolated)
+                if self.open and (caught_up or self._due()):
+                    await self._commit_taken()
+                elif self.open:
+                    self._close_later()
         finally:
             self.busy = False
 
+    async def commit_open(self, timeout_s: float) -> None:
+        """Commit the open transactions now (a revoke, a stop), waiting at most `timeout_s`
+        for the batch that holds them. Not for a batch still claiming its partitions: it has
+        not taken the lock, and it may be waiting on the consumer thread, itself in the
+        rebalance that waits for this."""
+        try:
+            await asyncio.wait_for(self.lock.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("the open transactions of partitions %s were not committed within "
+                        "%.0f s", sorted(self.open), timeout_s)
+            return
+        try:
+            if self.open:
+                await self._commit_taken()
+        finally:
+            self.lock.release()
+
     async def idle(self, timeout_s: float) -> None:
-        """Wait until the batch taken is committed or aborted (a stop)."""
+        """Wait until the batch taken is handed on (a stop)."""
         await wait_while(lambda: self.busy, timeout_s)
 
-    async def transactions_ended(self, timeout_s: float) -> None:
-        """Wait until no transaction is open (a revoke). Not `idle`: a batch still claiming
-        its partitions asks the consumer thread for committed offsets, and that thread is
-        inside the rebalance waiting for this; it has opened no transaction yet."""
-        await wait_while(lambda: self.open, timeout_s)
-
     async def stop(self) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
         await self.producers.stop_all()
 
-    async def _attempt(self, events: Sequence, process) -> set[int]:
-        """Process `events` once; returns the partitions whose transaction did not commit
-        (their state changes are put back)."""
-        by_partition: dict[int, list] = {}
-        for fe in events:
-            by_partition.setdefault(fe.message.partition, []).append(fe)
-        partitions = sorted(by_partition)
-        offsets = {p: self.committer.offsets(p, by_partition[p]) for p in partitions}
-        self.state_table.begin_journal()
-        adding: list = []
-        self.open = True
-        try:
+    def _due(self) -> bool:
+        return time.monotonic() - self.opened_at >= self.commit_interval_s
+
+    def _close_later(self) -> None:
+        if self._closer is None or self._closer.done():
+            self._closer = asyncio.ensure_future(self._commit_when_due())
+
+    async def _commit_when_due(self) -> None:
+        """Commit the open transactions when due, if no batch has done it by then."""
+        while self.open:
+            await asyncio.sleep(max(0.0, self.opened_at + self.commit_interval_s
+                                    - time.monotonic()))
+            async with self.lock:
+                if not (self.open and self._due()):
+                    continue
+                try:
+                    await self._commit_taken()
+                except Exception as exc:
+                    if self.on_fault is None:
+                        raise
+                    self.on_fault(exc)
+                    return
+
+    async def _take(self, events: list, process, isolated) -> None:
+        """Process `events` in the open transactions; on a failure abort them all, put the
+        memory back and process everything they held again (record by record after an error
+        of the processing itself), MAX_ATTEMPTS times in all."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                for p in partitions:
-                    await self.producers.get(p).begin_transaction()
-                # the offsets reach the coordinators while the batch is processed
-                adding = [asyncio.ensure_future(self._add_offsets(p, offsets[p]))
-                          for p in partitions]
+                await self._begin({fe.message.partition for fe in events})
                 processed = await process(events)
-                await asyncio.gather(*adding)
-            except KafkaError as exc:  # a send failed: the whole batch is tried again
-                log.warning("a send failed (%r): the batch's transactions are aborted", exc)
-                await self._abort_all(partitions, adding)
-                return set(partitions)
+            except KafkaError as exc:  # a send failed: everything open is tried again
+                log.warning("a send failed (%r): the open transactions are aborted and their "
+                            "records processed again (attempt %d of %d)", exc, attempt,
+                            MAX_ATTEMPTS)
+                events = await self._abort_taken(events)
+                continue
+            except Exception as exc:
+                events = await self._abort_taken(events)
+                if isolated is None:
+                    raise
+                log.warning("a batch of %d records failed (%s: %s): tried again record by "
+                            "record", len(events), type(exc).__name__, exc)
+                process, isolated = partial(isolated, exc=exc), None
+                continue
             except BaseException:
-                await self._abort_all(partitions, adding)
+                await self._abort_taken(events)
                 raise
-            if not processed:  # a stop came first: leave the batch to the next owner
-                await self._abort_all(partitions, adding)
-                return set()
-            results = await asyncio.gather(*(self._commit(p, by_partition[p], offsets[p])
-                                             for p in partitions), return_exceptions=True)
+            if processed:  # False: a stop came first; the next owner processes them
+                for fe in events:
+                    self.taken.setdefault(fe.message.partition, []).append(fe)
+                self._add_offsets({fe.message.partition for fe in events})
+                self.batches_held += 1
+            return
+        await self._abort_taken(events)
+        raise KafkaError(f"{MAX_ATTEMPTS} transactions in a row failed for partitions "
+                         f"{sorted({fe.message.partition for fe in events})}")
+
+    def _held(self) -> list:
+        return [fe for p in sorted(self.taken) for fe in self.taken[p]]
+
+    def _add_offsets(self, partitions: set[int]) -> None:
+        """Add each partition's offsets, as far as its transaction now holds, while the next
+        batch is processed (the broker keeps the last offsets added to a transaction)."""
+        for p in partitions:
+            offsets = self.committer.offsets(p, self.taken[p])
+            if offsets:
+                self.offsets[p] = offsets
+                self.adding.setdefault(p, []).append(asyncio.ensure_future(
+                    self.producers.get(p).send_offsets_to_transaction(offsets, self.group_id)))
+
+    async def _begin(self, partitions: set[int]) -> None:
+        if not self.open:
+            self.state_table.begin_journal()
+            self.opened_at = time.monotonic()
+        for p in sorted(partitions - self.open):
+            await self.producers.get(p).begin_transaction()
+            self.open.add(p)
+
+    async def _commit_taken(self) -> None:
+        """Commit each open partition's transaction with the offsets of what it holds. A
+        partition whose commit fails is aborted, its memory put back and its records
+        processed again in a new transaction; a fenced one is left to its new owner."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                await self.flush()  # the batch in flight publishes into the transactions
+            except Exception as exc:
+                events = await self._abort_taken([])
+                process = self.process if isinstance(exc, KafkaError) or self.isolated is None \
+                    else partial(self.isolated, exc=exc)
+                await self._take(events, process, None)
+                continue
+            partitions = sorted(self.open)
+            results = await asyncio.gather(*(self._commit(p) for p in partitions),
+                                           return_exceptions=True)
             failed, fenced = set(), set()
             for p, result in zip(partitions, results):
                 if isinstance(result, ProducerFenced):
@@ -337,32 +455,69 @@ class TransactionalBatches:
                     log.warning("commit of partition %d failed: %r", p, result)
                     failed.add(p)
                     await self._abort(p)
-            self.state_table.rollback(failed | fenced)
-            return failed
-        finally:
-            self.open = False
+            metrics.TRANSACTION_BATCHES.observe(self.batches_held)
+            empty = {p for p in partitions if not self.taken.get(p)}  # aborted: nothing held
+            self.state_table.rollback(failed | fenced | empty)
             self.state_table.end_journal()
+            again = [fe for p in sorted(failed) for fe in self.taken.get(p, ())]
+            self._clear()
+            if not again:
+                return
+            log.warning("transactions of partitions %s aborted (attempt %d of %d): their %d "
+                        "records are processed again", sorted(failed), attempt, MAX_ATTEMPTS,
+                        len(again))
+            await self._take(again, self.process, self.isolated)
+        partitions = sorted(self.open)
+        await self._abort_taken([])
+        raise KafkaError(f"{MAX_ATTEMPTS} transactions in a row failed for partitions "
+                         f"{partitions}")
 
-    async def _add_offsets(self, partition: int, offsets: dict) -> None:
-        if offsets:
-            await self.producers.get(partition).send_offsets_to_transaction(offsets,
-                                                                           self.group_id)
+    async def _commit(self, partition: int) -> None:
+        """One partition's transaction, once its offsets are added: committed, or aborted if
+        it holds no processed record."""
+        producer, events = self.producers.get(partition), self.taken.get(partition, [])
+        for result in await asyncio.gather(*self.adding.get(partition, ()),
+                                           return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+        if not events:
+            await producer.abort_transaction()
+            return
+        await producer.commit_transaction()
+        self.committer.done(events, self.offsets.get(partition, {}))
 
-    async def _commit(self, partition: int, events: list, offsets: dict) -> None:
-        await self.producers.get(partition).commit_transaction()
-        self.committer.done(events, offsets)
+    def _clear(self) -> None:
+        self.taken, self.offsets, self.adding, self.open = {}, {}, {}, set()
+        self.batches_held = 0
 
-    async def _abort_all(self, partitions: list[int], adding: list) -> None:
-        """Abort the batch's transactions (once their offsets are added or failed) and put
-        the memory back."""
-        await asyncio.gather(*adding, return_exceptions=True)
-        await asyncio.gather(*(self._abort(p) for p in partitions))
-        self.state_table.rollback(set(partitions))
+    async def _abort_taken(self, events: list) -> list:
+        """Abort the open transactions and put the memory back; returns the records they
+        held followed by `events`, to be processed again."""
+        await self.abandon()  # the batch in flight ends (its error is the one being handled)
+        await asyncio.gather(*(f for fs in self.adding.values() for f in fs),
+                             return_exceptions=True)
+        await asyncio.gather(*(self._abort(p) for p in sorted(self.open)))
+        self.state_table.rollback(set(self.open))
+        self.state_table.end_journal()
+        held = self._held()
+        keys = {(fe.message.tp, fe.message.offset) for fe in held}
+        again = held + [fe for fe in events if (fe.message.tp, fe.message.offset) not in keys]
+        self._clear()
+        return again
 
     async def _abort(self, partition: int) -> None:
+        metrics.TRANSACTIONS_ABORTED.inc()
         try:
             await self.producers.get(partition).abort_transaction()
         except Exception as exc:  # fenced or broken: a new producer is made on the next claim
             log.warning("abort of partition %d failed (%r): its producer is renewed",
                         partition, exc)
             self.committer.to_renew.add(partition)
+
+
+async def _nothing() -> None:
+    """No batch in flight to wait for."""
+
+
+async def _unbound(events: Sequence) -> bool:
+    raise RuntimeError("TransactionalBatches.bind was not called: no pipeline to process with")

@@ -62,7 +62,10 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
     redis.start()
     settings = unique_settings({"kafka": kafka.bootstrap, "redis": redis.url}, quick_bundle,
                                partitions=4, redis_retry_s=0.5, processing_guarantee=guarantee,
-                               batch_overlap=OVERLAP)
+                               batch_overlap=OVERLAP,
+                               # exactly-once: the backlog after each kill fills these, so
+                               # transactions hold several batches (TRANSACTION_COMMIT_MS)
+                               **({"batch_size": 8} if guarantee == "exactly_once" else {}))
     ensure_topics(settings, kafka.bootstrap)
     rng = random.Random(7)
     items = load_bundle(quick_bundle).items.item_ids[:40]

@@ -1,8 +1,10 @@
 """Crashes and scale-out on the real broker: nothing lost, no state counted twice."""
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 
 import orjson
@@ -78,10 +80,16 @@ def assert_state_counts_each_event_once(states: dict, events) -> None:
         assert set(state["event_ids"]) <= ids
 
 
+# Exactly-once with small batches: the backlog after a kill fills them, so transactions hold
+# several batches (TRANSACTION_COMMIT_MS) as well as one (a batch that is not full commits).
+SMALL_BATCHES = {"at_least_once": {}, "exactly_once": {"batch_size": 8}}
+
+
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_bundle, workers,
                                                                    guarantee):
-    settings = unique_settings(stack, quick_bundle, partitions=2, processing_guarantee=guarantee)
+    settings = unique_settings(stack, quick_bundle, partitions=2, processing_guarantee=guarantee,
+                               **SMALL_BATCHES[guarantee])
     ensure_topics(settings, stack["kafka"])
     worker = workers(settings)
     items = load_bundle(quick_bundle).items.item_ids[:20]
@@ -90,13 +98,27 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_
     time.sleep(1.5)
     worker.kill()  # SIGKILL: no commit, no flush, no goodbye
     time.sleep(0.5)
-    workers(settings)
+    restarted = workers(settings)
     feeder.join(30)
     out, duplicates = every_output(settings, events, timeout=90)
     print(f"{guarantee}: in={len(events)} out={len(out)} duplicated={duplicates} lost=0")
     assert_state_counts_each_event_once(final_states(settings, 8), events)
     if guarantee == "exactly_once":
         assert duplicates == 0
+        # the backlog left by the kill was committed in transactions of several batches
+        held = transaction_batches(restarted)
+        print(f"transaction_batches (cumulative per bucket): {held}")
+        assert held["count"] > held["1.0"], held
+
+
+def transaction_batches(worker) -> dict:
+    """The worker's `transaction_batches` histogram: cumulative bucket counts and the count."""
+    url = f"http://127.0.0.1:{worker.env['WEB_PORT']}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {m[0]: float(m[1]) for m in
+           re.findall(r'^transaction_batches_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)}
+    out["count"] = float(re.search(r"^transaction_batches_count (\S+)$", text, re.M)[1])
+    return out
 
 
 def test_second_worker_takes_over_partitions_and_state(stack, quick_bundle, workers):
@@ -129,7 +151,8 @@ def test_exactly_once_with_two_workers_one_killed_and_restarted_mid_stream(stack
     """Scale-out: two workers share the group; one is SIGKILLed mid-stream and started again.
     A read_committed reader sees each output once."""
     settings = unique_settings(stack, quick_bundle, partitions=4,
-                               processing_guarantee="exactly_once")
+                               processing_guarantee="exactly_once",
+                               **SMALL_BATCHES["exactly_once"])
     ensure_topics(settings, stack["kafka"])
     workers(settings)
     second = workers(settings)

@@ -194,11 +194,15 @@ def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
                                          float(np.median([x["p99_ms"] for x in swap["steady"]])), 1)
     assert "with a bundle swap" in done.stdout
     eos = r["exactly_once"]  # the worker in each guarantee, alternated; read read_committed
-    for arm in ("at_least_once", "exactly_once"):
+    for arm in ("at_least_once", "exactly_once", "exactly_once_per_batch"):
         assert eos[arm]["events"] == 1000 and len(eos[arm]["rounds_events_per_s"]) == 2
     assert eos["events_per_s_ratio"] == round(eos["exactly_once"]["events_per_s"]
                                               / eos["at_least_once"]["events_per_s"], 3)
-    assert eos["latency_1000"]["events"] == 3000 and eos["latency_1000"]["p99_ms"] > 0
+    assert eos["per_batch_events_per_s_ratio"] == round(
+        eos["exactly_once_per_batch"]["events_per_s"] / eos["at_least_once"]["events_per_s"], 3)
+    assert eos["transaction_commit_ms"] == settings.transaction_commit_ms
+    for name in ("latency_1000", "per_batch_latency_1000"):
+        assert eos[name]["events"] == 3000 and eos[name]["p99_ms"] > 0
     assert "exactly-once latency @1000/s" in done.stdout
     assert "ratio pipeline/passthrough" in done.stdout and "latency @200/s" in done.stdout
     assert "event-loop thread cores" in done.stdout and "event-loop CPU us/event" in done.stdout

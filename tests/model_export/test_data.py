@@ -152,8 +152,8 @@ def test_quality_reads_the_catalog_and_writes_under_the_datasets_name(tmp_path, 
     log, catalog = catalog_with_unused_items(tmp_path)
     seen = {}
 
-    def fake_quality(dataset, seeds, out, rebuild=True):
-        seen.update(items=dict(dataset.items), seeds=seeds, out=out)
+    def fake_quality(dataset, seeds, out, rebuild=True, long_cfg=None):
+        seen.update(items=dict(dataset.items), seeds=seeds, out=out, long_cfg=long_cfg)
         return {"ndcg@10": {}, "best_fused": "fused_fixed", "best_fused_gain_vs_gpt": 0.0,
                 "paired_vs_gpt_pooled": {}}
 
@@ -161,6 +161,7 @@ def test_quality_reads_the_catalog_and_writes_under_the_datasets_name(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert main(["quality", "--data", str(log), "--catalog", str(catalog), "--seeds", "3"]) == 0
     assert seen["seeds"] == [3] and str(seen["out"]) == f"artifacts/quality-{log.stem}"
+    assert seen["long_cfg"] == {"n_layer": 0}  # the pooled tower unless --long-layers
     assert (tmp_path / f"artifacts/quality-{log.stem}.json").is_file()
     texts = {item["text"] for item in seen["items"].values()}
     assert texts == {"Item X", "Item Y", "Item Z", "Item W"}

@@ -54,3 +54,46 @@ def test_the_served_tower_is_the_moving_mean_of_its_weights():
     assert all(torch.equal(one[k], three[k]) for k in one)
     one, three = _tiny_tower(None, 1), _tiny_tower(None, 3)
     assert not torch.equal(one["head.out.weight"], three["head.out.weight"])
+
+
+def test_each_bert_input_predicts_the_next_items_as_a_stale_vector_serves_them():
+    seqs = [np.array([1, 2, 3, 4, 5]), np.array([2, 3])]
+    targets = tlt.future_targets(seqs, np.array([[0, 1], [0, 4], [1, 1]]), 3)
+    assert targets.tolist() == [[2, 3, 4], [5, -100, -100], [3, -100, -100]]
+
+
+def test_the_bert_kind_trains_on_several_targets_per_input_at_one_half_life(monkeypatch):
+    """An epoch encodes epoch_examples / future_targets inputs; the pooled kind one target
+    per input. The BERT kind is trained at the first half-life only (it has positions)."""
+    seen_widths, tried = [], []
+    original = tlt.future_targets
+
+    def spy(seqs, examples, n):
+        seen_widths.append((len(examples), n))
+        return original(seqs, examples, n)
+
+    monkeypatch.setattr(tlt, "future_targets", spy)
+    seqs = [np.array([1, 2, 3, 4, 5] * 4), np.array([2, 3, 4, 5, 1] * 4)]
+    for n_layer in (0, 1):
+        seen_widths.clear()
+        base = LongTermConfig(n_rows=6, d_text=3, d_out=8, d_model=8, n_layer=n_layer,
+                              window=8)
+        tcfg = tlt.LongTermTrainConfig(max_epochs=1, epoch_examples=16, batch_size=64,
+                                       future_targets=4, progress=False)
+        tlt.train_tower(base, torch.randn(6, 3), torch.randn(6, 8), seqs, None, tcfg)
+        tried.append(seen_widths[:])
+    assert tried == [[(16, 1)], [(4, 4)]]
+
+    def train_tower(cfg, *args):
+        tried.append(cfg.half_life)
+        return cfg, 0.1, 1
+
+    monkeypatch.setattr(tlt, "train_tower", train_tower)
+    monkeypatch.setattr(tlt.Validation, "h_l", lambda self, model: model)
+    monkeypatch.setattr(tlt, "best_fixed_alpha", lambda *a: (0.9, 0.1))
+    gpt = ItemGPT(GPTConfig(n_rows=6, d_model=8, n_head=2, n_layer=1, max_len=4))
+    val = tlt.Validation.build(gpt, [[1, 2, 3], [2, 3]], [4, 1])
+    tried.clear()
+    tlt.choose_long_term(LongTermConfig(n_rows=6, d_text=3, d_out=8, n_layer=2), torch.zeros(6, 3),
+                         gpt, [[1, 2, 3], [2, 3, 4]], val, tlt.LongTermTrainConfig(progress=False))
+    assert tried == [1e9, 1e9]  # text on and off, one half-life

@@ -1,6 +1,7 @@
-"""TransactionalBatches: one transaction per input partition and batch, what a failure puts back
-and what is tried again. Producers and the committer are fakes; the real broker's side is
-tests/integration/test_faults.py and test_recovery.py (exactly_once)."""
+"""TransactionalBatches: one transaction per input partition, over one batch or every batch of
+TRANSACTION_COMMIT_MS; what a failure puts back and what is tried again. Producers and the
+committer are fakes; the real broker's side is tests/integration/test_faults.py and
+test_recovery.py (exactly_once)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 from aiokafka.errors import KafkaError, ProducerFenced
 
+from streams.config import Settings
 from streams.worker import transactions
 from streams.worker.state_table import StateTable
-from streams.worker.transactions import TransactionalBatches
+from streams.worker.transactions import TransactionalBatches, TransactionalCommitter
 
 
 class FakeProducer:
@@ -45,6 +47,7 @@ class FakeCommitter:
         self.settings = SimpleNamespace(app_id="app")
         self.owned, self.to_renew, self.committed = set(owned), set(), []
         self.before_revoke = None
+        self.behind = 10**6  # records in the log beyond a batch: a backlog unless set lower
 
     async def claim(self, partitions):
         return partitions & self.owned
@@ -58,15 +61,20 @@ class FakeCommitter:
     def done(self, events, offsets):
         self.committed.append(offsets)
 
+    def lag(self, events):
+        return self.behind
+
 
 def record(partition: int, offset: int):
     return SimpleNamespace(message=SimpleNamespace(partition=partition, offset=offset,
                                                    tp=("events", partition)))
 
 
-def setup(failures=None, owned=(0, 1), processed=True):
+def setup(failures=None, owned=(0, 1), processed=True, interval_s=0.0):
+    """The log holds a backlog behind every batch (FakeCommitter.behind): the interval
+    decides when a transaction commits."""
     committer = FakeCommitter(failures or {}, owned)
-    batches = TransactionalBatches(committer)
+    batches = TransactionalBatches(committer, interval_s, backlog=256)
     table = SimpleNamespace(data={"u0": 100, "u1": 100},
                             changelog_topic=SimpleNamespace(get_topic_name=lambda: "changelog"))
     batches.state_table = states = StateTable(table, send=batches.send_changelog, rewrites=False)
@@ -80,6 +88,7 @@ def setup(failures=None, owned=(0, 1), processed=True):
             await batches.send(p, "recommendations", None, b"out-%d" % fe.message.offset)
         return processed
 
+    batches.bind(process)
     return committer, batches, table, process, seen
 
 
@@ -88,7 +97,7 @@ BATCH = [record(0, 5), record(1, 7), record(0, 6)]
 
 def test_each_partition_commits_its_outputs_state_and_offsets_together():
     committer, batches, table, process, _ = setup()
-    asyncio.run(batches.run(BATCH, process))
+    asyncio.run(batches.run(BATCH))
     for p, next_offset in ((0, 7), (1, 8)):
         entries = [e for e in committer.log if e[1] == p]
         assert entries[0] == ("begin", p) and entries[-1] == ("commit", p)
@@ -101,7 +110,7 @@ def test_each_partition_commits_its_outputs_state_and_offsets_together():
 
 def test_a_failed_commit_puts_that_partitions_state_back_and_tries_it_again_alone():
     committer, batches, table, process, seen = setup({1: [KafkaError("broker went away")]})
-    asyncio.run(batches.run(BATCH, process))
+    asyncio.run(batches.run(BATCH))
     assert ("abort", 1) in committer.log and ("abort", 0) not in committer.log
     assert seen == [(0, 5), (1, 7), (0, 6), (1, 7)]  # only partition 1 again
     assert table.data == {"u0": 102, "u1": 101}  # counted once: 100 put back, then +1
@@ -111,7 +120,7 @@ def test_a_failed_commit_puts_that_partitions_state_back_and_tries_it_again_alon
 
 def test_a_fenced_partition_is_left_to_its_new_owner():
     committer, batches, table, process, seen = setup({1: [ProducerFenced()]})
-    asyncio.run(batches.run(BATCH[:2], process))
+    asyncio.run(batches.run(BATCH[:2]))
     assert 1 in committer.to_renew  # a new producer before this worker uses it again
     assert seen == [(0, 5), (1, 7)]  # not processed again here: renewing would fence the owner
     assert table.data == {"u0": 101, "u1": 100}  # partition 1's change put back
@@ -120,8 +129,8 @@ def test_a_fenced_partition_is_left_to_its_new_owner():
 
 def test_a_stop_before_the_batch_is_processed_commits_nothing():
     committer, batches, table, process, _ = setup(processed=False)
-    asyncio.run(batches.run(BATCH, process))
-    assert not [e for e in committer.log if e[0] == "commit"]  # offsets added, then aborted
+    asyncio.run(batches.run(BATCH))
+    assert not [e for e in committer.log if e[0] in ("commit", "offsets")]
     assert ("abort", 0) in committer.log and ("abort", 1) in committer.log
     assert table.data == {"u0": 100, "u1": 100}
 
@@ -138,7 +147,8 @@ def test_a_send_that_fails_aborts_the_batch_and_tries_it_again():
                 raise failures.pop()
         return True
 
-    asyncio.run(batches.run([record(0, 5)], process))
+    batches.bind(process)
+    asyncio.run(batches.run([record(0, 5)]))
     assert seen == [5, 5]
     assert table.data["u0"] == 101
     assert committer.log.count(("abort", 0)) == 1 and committer.log.count(("commit", 0)) == 1
@@ -148,7 +158,7 @@ def test_a_batch_that_keeps_failing_stops_the_worker():
     committer, batches, _, process, _ = setup(
         {0: [KafkaError("no")] * transactions.MAX_ATTEMPTS})
     with pytest.raises(KafkaError, match="transactions in a row failed"):
-        asyncio.run(batches.run([record(0, 5)], process))
+        asyncio.run(batches.run([record(0, 5)]))
     assert not batches.busy
 
 
@@ -165,7 +175,8 @@ def test_a_batch_that_raises_is_tried_again_record_by_record_in_a_new_transactio
         tries.append(type(exc).__name__)
         return await process(events)
 
-    asyncio.run(batches.run(BATCH, failing, isolated))
+    batches.bind(failing, isolated)
+    asyncio.run(batches.run(BATCH))
     assert tries == ["ValueError"]
     assert ("abort", 0) in committer.log and ("abort", 1) in committer.log
     assert seen == [(0, 5), (0, 5), (1, 7), (0, 6)]
@@ -190,7 +201,7 @@ def test_a_revoke_waits_for_open_transactions_not_for_a_batch_still_claiming():
             return await original(partitions)
 
         committer.claim = slow_claim
-        task = asyncio.ensure_future(batches.run(BATCH, process))
+        task = asyncio.ensure_future(batches.run(BATCH))
         await claiming.wait()
         await asyncio.wait_for(committer.before_revoke(5.0), 0.5)  # returns at once
         assert batches.busy and not batches.open
@@ -199,3 +210,133 @@ def test_a_revoke_waits_for_open_transactions_not_for_a_batch_still_claiming():
 
     asyncio.run(run())
     assert not batches.open
+
+
+def commits(committer):
+    return [e for e in committer.log if e[0] == "commit"]
+
+
+def test_batches_within_the_commit_interval_share_one_transaction_per_partition():
+    committer, batches, table, _, _ = setup(interval_s=60.0)
+
+    async def run():
+        await batches.run(BATCH)
+        await batches.run([record(0, 8), record(1, 9)])
+        assert not commits(committer)  # not due: the transactions stay open
+        await committer.before_revoke(1.0)  # a revoke commits them at once
+
+    asyncio.run(run())
+    assert [e for e in committer.log if e[0] == "begin"] == [("begin", 0), ("begin", 1)]
+    assert commits(committer) == [("commit", 0), ("commit", 1)]
+    # each batch adds its partition's offsets; the last added is the one committed
+    assert [e[2] for e in committer.log if e[0] == "offsets" and e[1] == 0] == [
+        {("events", 0): 7}, {("events", 0): 9}]
+    assert committer.committed == [{("events", 0): 9}, {("events", 1): 10}]
+    assert table.data == {"u0": 103, "u1": 102}
+    assert not batches.open
+
+
+def test_a_failed_commit_processes_every_batch_its_transaction_held_again():
+    committer, batches, table, _, seen = setup({0: [KafkaError("broker went away")]},
+                                               interval_s=60.0)
+
+    async def run():
+        await batches.run(BATCH)
+        await batches.run([record(0, 8)])
+        await batches.commit_open(1.0)
+
+    asyncio.run(run())
+    assert seen == [(0, 5), (1, 7), (0, 6), (0, 8), (0, 5), (0, 6), (0, 8)]
+    assert table.data == {"u0": 103, "u1": 101}  # partition 0 put back, then counted once
+    assert commits(committer) == [("commit", 1), ("commit", 0)]
+
+
+def test_a_failed_send_in_a_later_batch_processes_the_earlier_ones_again_too():
+    committer, batches, table, process, seen = setup(interval_s=60.0)
+    failures = [KafkaError("request timed out")]
+
+    async def failing_at_8(events):
+        if any(fe.message.offset == 8 for fe in events) and failures:
+            await process(events)
+            raise failures.pop()
+        return await process(events)
+
+    batches.bind(failing_at_8)
+
+    async def run():
+        await batches.run(BATCH)
+        await batches.run([record(0, 8)])
+        await batches.commit_open(1.0)
+
+    asyncio.run(run())
+    assert seen == [(0, 5), (1, 7), (0, 6), (0, 8), (0, 5), (0, 6), (1, 7), (0, 8)]
+    assert table.data == {"u0": 103, "u1": 101}
+    assert ("abort", 0) in committer.log and ("abort", 1) in committer.log
+    assert commits(committer) == [("commit", 0), ("commit", 1)]
+
+
+def test_a_batch_in_flight_that_fails_when_the_commit_waits_for_it_is_processed_again():
+    committer, batches, table, process, seen = setup(interval_s=60.0)
+    failures = [KafkaError("a send of the batch in flight failed")]
+
+    async def flush():
+        if failures:
+            raise failures.pop()
+
+    batches.bind(process, flush=flush)
+
+    async def run():
+        await batches.run(BATCH)
+        await batches.commit_open(1.0)
+
+    asyncio.run(run())
+    assert seen == [(0, 5), (1, 7), (0, 6), (0, 5), (0, 6), (1, 7)]
+    assert table.data == {"u0": 102, "u1": 101}
+    assert commits(committer) == [("commit", 0), ("commit", 1)]
+
+
+def test_a_transaction_that_comes_due_with_no_batch_to_carry_it_commits_by_itself():
+    committer, batches, table, _, _ = setup(interval_s=0.05)
+
+    async def run():
+        await batches.run(BATCH)
+        assert not commits(committer)
+        await asyncio.sleep(0.3)
+        assert commits(committer) == [("commit", 0), ("commit", 1)]
+        await batches.stop()
+
+    batches.producers.stop_all = lambda: asyncio.sleep(0)
+    asyncio.run(run())
+    assert committer.committed == [{("events", 0): 7}, {("events", 1): 8}]
+    assert not batches.open
+
+
+def test_a_batch_with_less_than_a_batch_behind_it_commits_at_once_within_the_interval():
+    """The worker has caught up with its input: holding the transaction would only add
+    latency."""
+    committer, batches, _, _, _ = setup(interval_s=60.0)
+
+    async def run():
+        await batches.run(BATCH)  # a backlog behind it: held
+        assert not commits(committer)
+        committer.behind = 255
+        await batches.run([record(0, 8)])  # caught up: everything open commits
+        assert commits(committer) == [("commit", 0), ("commit", 1)]
+
+    asyncio.run(run())
+    assert committer.committed == [{("events", 0): 9}, {("events", 1): 8}]
+
+
+def test_the_lag_behind_a_batch_is_read_from_the_consumers_high_waters():
+    highwaters = {("events", 0): 300, ("events", 1): 9}
+
+    def highwater(tp):
+        if tp not in highwaters:
+            raise KeyError(tp)  # revoked meanwhile
+        return highwaters[tp]
+
+    app = SimpleNamespace(consumer=SimpleNamespace(highwater=highwater))
+    committer = TransactionalCommitter(app, Settings(), producers=None)
+    assert committer.lag([record(0, 5), record(1, 7), record(0, 6)]) == 300 - 7
+    assert committer.lag([record(1, 8)]) == 0  # the newest record of its partition
+    assert committer.lag([record(2, 1)]) == 0
