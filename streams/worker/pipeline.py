@@ -54,8 +54,8 @@ _serving: Serving | None = None
 transactional = settings.processing_guarantee == "exactly_once"
 # At-least-once: input offsets are committed from what was processed and delivered, and the
 # worker writes the state's changelog records itself, as its outputs. Exactly-once: offsets,
-# outputs and changelog records go in one transaction per input partition, committed every
-# TRANSACTION_COMMIT_MS.
+# outputs and changelog records go in one transaction per input partition, committed after
+# each batch once the worker has caught up, and every TRANSACTION_COMMIT_MS under a backlog.
 if transactional:
     committer: Committer = TransactionalCommitter(app, settings, PartitionProducers(settings, app))
     batches: TransactionalBatches | None = TransactionalBatches(
