@@ -136,6 +136,14 @@ def check_transactions(settings: Settings, app) -> None:
     asyncio.run(PartitionProducers(settings, app).probe())
 
 
+def offsets_by_tp(events: Sequence) -> dict:
+    """Each input topic-partition's offsets among `events`."""
+    out: dict = {}
+    for fe in events:
+        out.setdefault(fe.message.tp, []).append(fe.message.offset)
+    return out
+
+
 class TransactionalCommitter(Committer):
     """The input offsets of exactly-once: committed inside each batch's transaction.
 
@@ -201,9 +209,7 @@ class TransactionalCommitter(Committer):
     def offsets(self, partition: int, events: Sequence) -> dict:
         """The offsets to commit for `partition` once `events` (its records in this batch) are
         done: each input topic's frontier (a hole resolved since the last batch included)."""
-        offsets: dict = {}
-        for fe in events:
-            offsets.setdefault(fe.message.tp, []).append(fe.message.offset)
+        offsets = offsets_by_tp(events)
         out = {}
         for tp in self.app.consumer.assignment():
             if tp.partition == partition and tp.topic in self.topics:
@@ -215,26 +221,20 @@ class TransactionalCommitter(Committer):
     def lag(self, events: Sequence) -> int:
         """How many records the log holds beyond `events` in their partitions, as far as
         the consumer's last fetch knows (the most over the partitions)."""
-        last: dict = {}
-        for fe in events:
-            last[fe.message.tp] = max(last.get(fe.message.tp, -1), fe.message.offset)
         behind = 0
-        for tp, offset in last.items():
+        for tp, offsets in offsets_by_tp(events).items():
             try:
                 highwater = self.app.consumer.highwater(tp)
             except Exception:  # revoked meanwhile: nothing to wait for there
                 continue
             if highwater is not None:
-                behind = max(behind, highwater - offset - 1)
+                behind = max(behind, highwater - max(offsets) - 1)
         return behind
 
     def done(self, events: Sequence, offsets: dict) -> None:
         """The transaction holding `events` committed `offsets`."""
         now = time.monotonic()
-        by_tp: dict = {}
-        for fe in events:
-            by_tp.setdefault(fe.message.tp, []).append(fe.message.offset)
-        for tp, done in by_tp.items():
+        for tp, done in offsets_by_tp(events).items():
             self.ledger.mark_done(tp, done, now)
         # aiokafka's TopicPartition and Faust's TP are both (topic, partition) tuples
         self.ledger.committed({tp: o for tp, o in offsets.items() if tp in self.ledger.parts})
