@@ -35,6 +35,10 @@ BATCH_ERRORS = Counter("batch_errors_total",
 TRANSACTION_BATCHES = Histogram("transaction_batches",
                                 "Exactly-once: micro-batches per commit of the open transactions",
                                 registry=REGISTRY, buckets=(1, 2, 3, 5, 10, 20, 50))
+TRANSACTION_COMMIT_SECONDS = Histogram(
+    "transaction_commit_seconds", "Exactly-once: a commit of the open transactions, from waiting "
+    "for the batch in flight to the last partition's commit", registry=REGISTRY,
+    buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 5))
 TRANSACTIONS_ABORTED = Counter("transactions_aborted_total",
                                "Exactly-once: partitions' transactions aborted (their records "
                                "processed again)", registry=REGISTRY)

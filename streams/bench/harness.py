@@ -261,7 +261,8 @@ class Bench:
                 guarantee: str = "at_least_once", commit_ms: float | None = None) -> dict:
         s = self.fresh(processing_guarantee=guarantee, **_commit_ms(commit_ms))
         ensure_topics(s, self.kafka)
-        proc = self.children.start(f"bench-latency-{s.app_id}", [os.environ.get("BENCH_AGENT", "worker")], self.env(s))
+        env, agent = self.env(s), os.environ.get("BENCH_AGENT", "worker")
+        proc = self.children.start(f"bench-latency-{s.app_id}", [agent], env)
         # One long-lived producer, as a real source would have: a new idempotent producer
         # holds its first records until it has a producer id, which is not the worker's latency.
         prod = producer(s, self.kafka, **{"linger.ms": 0})
@@ -275,6 +276,7 @@ class Bench:
                 batch = events[offset:offset + n]
                 offset += n
                 cons = self.reader(s)  # fixed before sending: this phase's outputs only
+                totals = worker_totals(int(env["WEB_PORT"])) if agent == "worker" else None
                 sender = threading.Thread(target=self._paced_send, args=(prod, s, batch, rate), daemon=True)
                 sender.start()
                 out = self.drain(s, batch, proc, cons=cons)
@@ -283,6 +285,9 @@ class Bench:
                 results[str(rate)] = {"events": len(batch), **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1)
                                                               for q in (50, 95, 99)},
                                       "max_ms": float(lat.max())}
+                if totals is not None:  # where the time went, per batch
+                    results[str(rate)]["worker_means"] = means_between(
+                        totals, worker_totals(int(env["WEB_PORT"])))
             results["rss_mb"] = proc_usage(proc.pid)["rss_peak_mb"]
         finally:
             self.children.stop()
@@ -357,6 +362,35 @@ def worker_models(port: int) -> dict:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=5) as reply:
         return json.loads(reply.read())
+
+
+# the worker's per-batch histograms whose means say where an output's latency goes
+BATCH_METRICS = ("batch_size", "redis_seconds", "inference_seconds", "transaction_commit_seconds")
+
+
+def worker_totals(port: int, names: tuple[str, ...] = BATCH_METRICS) -> dict:
+    """Each of the worker's histograms `names`: (count, sum) so far, from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                  if line and not line.startswith("#"))
+    return {name: (float(values.get(f"{name}_count", 0)), float(values.get(f"{name}_sum", 0)))
+            for name in names}
+
+
+def means_between(before: dict, after: dict) -> dict:
+    """Each histogram's mean over what it observed between two `worker_totals` (ms for
+    seconds); one that observed nothing is left out."""
+    out = {}
+    for name, (count, total) in after.items():
+        n = count - before[name][0]
+        if n:
+            mean = (total - before[name][1]) / n
+            out[name.replace("_seconds", "_ms")] = round(
+                mean * 1000 if name.endswith("_seconds") else mean, 2)
+    return out
 
 
 def publish_copies(bundle: Path, root: Path) -> Path:

@@ -272,7 +272,10 @@ class TransactionalBatches:
         self.batches_held = 0  # batches processed into the open transactions
         self.busy = False  # inside run: a batch taken and not yet handed on
         self.lock = asyncio.Lock()  # one of run, the due commit, a revoke or a stop at a time
-        self._closer: asyncio.Future | None = None
+        self._closer: asyncio.Future | None = None  # the due commit's task
+        # a commit that failed for good outside `run`: no batch may follow it (its records'
+        # outputs would commit while the failed ones' offsets stay behind: duplicates later)
+        self.fault: BaseException | None = None
         self.bind(_unbound)
         committer.before_revoke = self.commit_open
 
@@ -284,7 +287,7 @@ class TransactionalBatches:
         """`process(events)` takes a batch (False: it left them unprocessed, a stop);
         `isolated(events, exc=…)` takes it record by record; `flush()` returns once the batch
         in flight is published (raising its error), `abandon()` once it ended either way;
-        `on_fault` hears of a due commit that failed for good."""
+        `on_fault` hears of a commit that failed for good outside `run`."""
         self.process, self.isolated = process, isolated
         self.flush, self.abandon = flush or _nothing, abandon or _nothing
         self.on_fault = on_fault
@@ -305,10 +308,14 @@ class TransactionalBatches:
         commit them if due or if the worker has caught up. Claiming the partitions (which
         may wait on the consumer thread, busy with a rebalance that waits for `commit_open`)
         is done before the lock."""
+        if self.fault is not None:
+            raise self.fault
         self.busy, caught_up = True, self.committer.lag(events) < self.backlog
         try:
             ours = await self.committer.claim({fe.message.partition for fe in events})
             async with self.lock:
+                if self.fault is not None:  # the due commit failed while this batch claimed
+                    raise self.fault
                 taken = {(fe.message.tp, fe.message.offset) for fe in self._held()}
                 events = self.committer.fresh([
                     fe for fe in events if fe.message.partition in ours
@@ -321,6 +328,13 @@ class TransactionalBatches:
                     self._close_later()
         finally:
             self.busy = False
+
+    def _failed(self, exc: Exception) -> None:
+        """The due commit failed for good: no batch is taken after it (the next `run` raises
+        it), and `on_fault` hears of it at once."""
+        self.fault = exc
+        if self.on_fault is not None:
+            self.on_fault(exc)
 
     async def commit_open(self, timeout_s: float) -> None:
         """Commit the open transactions now (a revoke, a stop), waiting at most `timeout_s`
@@ -366,9 +380,7 @@ class TransactionalBatches:
                 try:
                     await self._commit_taken()
                 except Exception as exc:
-                    if self.on_fault is None:
-                        raise
-                    self.on_fault(exc)
+                    self._failed(exc)
                     return
 
     async def _take(self, events: list, process, isolated) -> None:
@@ -431,6 +443,7 @@ class TransactionalBatches:
         """Commit each open partition's transaction with the offsets of what it holds. A
         partition whose commit fails is aborted, its memory put back and its records
         processed again in a new transaction; a fenced one is left to its new owner."""
+        started = time.monotonic()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 await self.flush()  # the batch in flight publishes into the transactions
@@ -456,6 +469,7 @@ class TransactionalBatches:
                     failed.add(p)
                     await self._abort(p)
             metrics.TRANSACTION_BATCHES.observe(self.batches_held)
+            metrics.TRANSACTION_COMMIT_SECONDS.observe(time.monotonic() - started)
             empty = {p for p in partitions if not self.taken.get(p)}  # aborted: nothing held
             self.state_table.rollback(failed | fenced | empty)
             self.state_table.end_journal()

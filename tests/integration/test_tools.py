@@ -201,9 +201,13 @@ def test_bench_writes_its_json_and_table(stack, quick_bundle, tmp_path):
     assert eos["per_batch_events_per_s_ratio"] == round(
         eos["exactly_once_per_batch"]["events_per_s"] / eos["at_least_once"]["events_per_s"], 3)
     assert eos["transaction_commit_ms"] == settings.transaction_commit_ms
-    for name in ("latency_1000", "per_batch_latency_1000"):
+    for name in ("at_least_once_latency_1000", "latency_1000", "per_batch_latency_1000"):
         assert eos[name]["events"] == 3000 and eos[name]["p99_ms"] > 0
-    assert "exactly-once latency @1000/s" in done.stdout
+        means = eos[name]["worker_means"]  # from the worker's /metrics: where the time goes
+        assert 1 <= means["batch_size"] <= settings.batch_size and means["inference_ms"] > 0
+        assert ("transaction_commit_ms" in means) == (name != "at_least_once_latency_1000")
+    assert "latency @1000/s p50/p95/p99/max ms, at-least-once / exactly-once" in done.stdout
+    assert "per batch @1000/s, means" in done.stdout
     assert "ratio pipeline/passthrough" in done.stdout and "latency @200/s" in done.stdout
     assert "event-loop thread cores" in done.stdout and "event-loop CPU us/event" in done.stdout
     assert r["loop_cpu_ratio"] == round(r["passthrough"]["loop_us_per_event"]

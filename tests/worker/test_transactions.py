@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from aiokafka.errors import KafkaError, ProducerFenced
 
+from streams import metrics
 from streams.config import Settings
 from streams.worker import transactions
 from streams.worker.state_table import StateTable
@@ -216,8 +217,16 @@ def commits(committer):
     return [e for e in committer.log if e[0] == "commit"]
 
 
+def observed(histogram) -> tuple[float, float]:
+    """A prometheus histogram's count and sum so far."""
+    samples = {s.name.rsplit("_", 1)[-1]: s.value for s in histogram.collect()[0].samples}
+    return samples["count"], samples["sum"]
+
+
 def test_batches_within_the_commit_interval_share_one_transaction_per_partition():
     committer, batches, table, _, _ = setup(interval_s=60.0)
+    held_before, commits_before = observed(metrics.TRANSACTION_BATCHES), \
+        observed(metrics.TRANSACTION_COMMIT_SECONDS)[0]
 
     async def run():
         await batches.run(BATCH)
@@ -226,6 +235,10 @@ def test_batches_within_the_commit_interval_share_one_transaction_per_partition(
         await committer.before_revoke(1.0)  # a revoke commits them at once
 
     asyncio.run(run())
+    # one commit, of two batches, timed
+    count, total = observed(metrics.TRANSACTION_BATCHES)
+    assert (count - held_before[0], total - held_before[1]) == (1, 2)
+    assert observed(metrics.TRANSACTION_COMMIT_SECONDS)[0] == commits_before + 1
     assert [e for e in committer.log if e[0] == "begin"] == [("begin", 0), ("begin", 1)]
     assert commits(committer) == [("commit", 0), ("commit", 1)]
     # each batch adds its partition's offsets; the last added is the one committed
@@ -340,3 +353,21 @@ def test_the_lag_behind_a_batch_is_read_from_the_consumers_high_waters():
     assert committer.lag([record(0, 5), record(1, 7), record(0, 6)]) == 300 - 7
     assert committer.lag([record(1, 8)]) == 0  # the newest record of its partition
     assert committer.lag([record(2, 1)]) == 0
+
+
+def test_after_a_due_commit_that_failed_for_good_no_batch_is_taken():
+    """Its records' offsets stay behind: a later batch's outputs committed now would be
+    published again when a new owner processes from those offsets."""
+    committer, batches, _, _, seen = setup({0: [KafkaError("no")] * transactions.MAX_ATTEMPTS},
+                                           interval_s=0.01)
+    faults = []
+    batches.on_fault = faults.append
+
+    async def run():
+        await batches.run([record(0, 5)])  # a backlog behind it: the due commit's task
+        await batches._closer
+        with pytest.raises(KafkaError, match="transactions in a row failed"):
+            await batches.run([record(0, 6)])
+
+    asyncio.run(run())
+    assert len(faults) == 1 and (0, 6) not in seen and not commits(committer)
