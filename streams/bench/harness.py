@@ -368,15 +368,20 @@ def worker_models(port: int) -> dict:
 BATCH_METRICS = ("batch_size", "redis_seconds", "inference_seconds", "transaction_commit_seconds")
 
 
-def worker_totals(port: int, names: tuple[str, ...] = BATCH_METRICS) -> dict:
-    """Each of the worker's histograms `names`: (count, sum) so far, from /metrics."""
+def worker_metrics(port: int) -> dict[str, float]:
+    """The worker's /metrics: each sample's name (labels included) and value."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines()
-                  if line and not line.startswith("#"))
-    return {name: (float(values.get(f"{name}_count", 0)), float(values.get(f"{name}_sum", 0)))
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def worker_totals(port: int, names: tuple[str, ...] = BATCH_METRICS) -> dict:
+    """Each of the worker's histograms `names`: (count, sum) so far."""
+    values = worker_metrics(port)
+    return {name: (values.get(f"{name}_count", 0.0), values.get(f"{name}_sum", 0.0))
             for name in names}
 
 

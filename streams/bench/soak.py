@@ -6,23 +6,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from streams.bench.harness import Bench, proc_usage
+from streams.bench.harness import Bench, proc_usage, worker_metrics
 from streams.kafka.clients import ensure_topics, producer
 
 
 def lag_from_metrics(port: int) -> float | None:
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        return worker_metrics(port).get("consumer_lag")
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith("consumer_lag "):
-            return float(line.split()[1])
-    return None
 
 
 def soak(bench: Bench, events, rate: float, duration_s: float, out_json: Path, out_png: Path) -> dict:

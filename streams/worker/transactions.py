@@ -308,13 +308,11 @@ class TransactionalBatches:
         commit them if due or if the worker has caught up. Claiming the partitions (which
         may wait on the consumer thread, busy with a rebalance that waits for `commit_open`)
         is done before the lock."""
-        if self.fault is not None:
-            raise self.fault
         self.busy, caught_up = True, self.committer.lag(events) < self.backlog
         try:
             ours = await self.committer.claim({fe.message.partition for fe in events})
             async with self.lock:
-                if self.fault is not None:  # the due commit failed while this batch claimed
+                if self.fault is not None:  # a due commit failed for good: take nothing
                     raise self.fault
                 taken = {(fe.message.tp, fe.message.offset) for fe in self._held()}
                 events = self.committer.fresh([
