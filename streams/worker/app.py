@@ -19,7 +19,7 @@ from streams.config import Settings
 from streams.errors import ConfigError
 from streams.kafka.clients import changelog_configs
 from streams.local.endpoints import resolve_kafka
-from streams.worker import lenient_records, stable_highwaters
+from streams.worker import lenient_records, skipped_offsets, stable_highwaters
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class InterestStreamApp(faust.App):
 
 def create_app(settings: Settings) -> faust.App:
     lenient_records.install()  # a header key that is not UTF-8 must not stop the consumer
+    skipped_offsets.install()  # offsets with no record (markers) are committed past at once
     stable_highwaters.install()  # exactly-once recovery must read every committed state
     try:
         bootstrap, unresolved = resolve_kafka(settings), None

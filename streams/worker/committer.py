@@ -7,9 +7,11 @@
   skips redeliveries itself with `OffsetLedger.seen`.
 - Every COMMIT_INTERVAL_S: flush the producer, settle which records' outputs were delivered,
   commit each assigned partition's frontier.
+- Offsets the fetch stepped over (transaction markers; `streams.worker.skipped_offsets`)
+  count as done at once.
 - A frontier that waits on a missing offset for HOLE_CHECK_S: the log is read from there.
-  Offsets with no record (transaction markers) count as done; a record that exists but was
-  never delivered to the agent is fetched again by seeking the partition back to it.
+  Offsets with no record count as done; a record that exists but was never delivered to the
+  agent is fetched again by seeking the partition back to it.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import logging
 import time
 
 from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
+from faust.types import TP
 
 from streams.config import Settings
 from streams.kafka import clients as kafka_clients
 from streams.local.endpoints import resolve_kafka
+from streams.worker import skipped_offsets
 from streams.worker.offsets import OffsetLedger
 
 log = logging.getLogger(__name__)
@@ -82,7 +86,15 @@ class Committer:
         msg = faust_event.message
         self.ledger.sent(msg.tp, msg.offset, futures)
 
+    def absorb_skipped(self) -> None:
+        """The input offsets the fetch stepped over hold nothing to process: done."""
+        now = time.monotonic()
+        for tp, start, end in skipped_offsets.drain():
+            if tp.topic in self.topics:
+                self.ledger.no_record(TP(tp.topic, tp.partition), start, end, now)
+
     async def commit(self) -> None:
+        self.absorb_skipped()
         if self.to_assign:
             await self._assign(self.to_assign)
         await self.app.producer.flush()  # outputs of processed records reach the broker

@@ -110,6 +110,18 @@ class OffsetLedger:
         part.done.update(o for o in offsets if part.frontier is None or o >= part.frontier)
         part.advance(now)
 
+    def no_record(self, tp: Hashable, start: int, end: int, now: float) -> None:
+        """Offsets [start, end) hold no record to process (markers, aborted records, as the
+        fetch found them): done, without counting a long run offset by offset when the
+        frontier is already inside it."""
+        part = self.parts.setdefault(tp, PartitionLedger())
+        if part.frontier is not None and start <= part.frontier < end:
+            part.frontier = end
+            part.done = {o for o in part.done if o >= end}
+            part.advance(now)
+        else:
+            self.mark_done(tp, range(start, end), now)
+
     def due(self, tps: Iterable[Hashable]) -> dict[Hashable, int]:
         """Offsets to commit now among `tps` (the current assignment)."""
         out = {}

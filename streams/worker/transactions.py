@@ -184,6 +184,7 @@ class TransactionalCommitter(Committer):
 
     async def commit(self) -> None:
         """The timer's part: look up holes; offsets go only through transactions."""
+        self.absorb_skipped()
         holes = self.ledger.holes(time.monotonic(), self.settings.hole_check_s)
         if holes:
             await self._resolve(holes)
@@ -209,6 +210,7 @@ class TransactionalCommitter(Committer):
     def offsets(self, partition: int, events: Sequence) -> dict:
         """The offsets to commit for `partition` once `events` (its records in this batch) are
         done: each input topic's frontier (a hole resolved since the last batch included)."""
+        self.absorb_skipped()
         offsets = offsets_by_tp(events)
         out = {}
         for tp in self.app.consumer.assignment():

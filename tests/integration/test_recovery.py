@@ -38,9 +38,15 @@ def final_states(settings, min_users: int, timeout: float = 30.0) -> dict:
     return states
 
 
-def send_paced(settings, events, rate: float) -> threading.Thread:
+def send_paced(settings, events, rate: float, per_transaction: int = 0) -> threading.Thread:
+    """Produce `events` at `rate`; with `per_transaction`, as an upstream writing in
+    transactions of that many records (a commit marker after each)."""
     def run():
-        prod = producer(settings, settings.kafka_bootstrap_servers)
+        extra = {"transactional.id": f"up-{settings.app_id}"} if per_transaction else {}
+        prod = producer(settings, settings.kafka_bootstrap_servers, **extra)
+        if per_transaction:
+            prod.init_transactions(30)
+            prod.begin_transaction()
         start = time.monotonic()
         for i, event in enumerate(events):
             delay = start + i / rate - time.monotonic()
@@ -48,6 +54,11 @@ def send_paced(settings, events, rate: float) -> threading.Thread:
                 time.sleep(delay)
             prod.produce(settings.topic_events, key=event.user_id.encode(), value=event.to_json())
             prod.poll(0)
+            if per_transaction and (i + 1) % per_transaction == 0:
+                prod.commit_transaction(30)
+                prod.begin_transaction()
+        if per_transaction:
+            prod.commit_transaction(30)
         prod.flush(30)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -85,23 +96,26 @@ def assert_state_counts_each_event_once(states: dict, events) -> None:
 SMALL_BATCHES = {"at_least_once": {}, "exactly_once": {"batch_size": 8}}
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@pytest.mark.parametrize("guarantee,per_transaction", [
+    ("at_least_once", 0), ("exactly_once", 0),
+    ("exactly_once", 5)])  # an upstream writing in transactions: a marker every 5 records
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(stack, quick_bundle, workers,
-                                                                   guarantee):
+                                                                   guarantee, per_transaction):
     settings = unique_settings(stack, quick_bundle, partitions=2, processing_guarantee=guarantee,
                                **SMALL_BATCHES[guarantee])
     ensure_topics(settings, stack["kafka"])
     worker = workers(settings)
     items = load_bundle(quick_bundle).items.item_ids[:20]
     events = make_events(400, users=8, items=items)
-    feeder = send_paced(settings, events, rate=100)
+    feeder = send_paced(settings, events, rate=100, per_transaction=per_transaction)
     time.sleep(1.5)
     worker.kill()  # SIGKILL: no commit, no flush, no goodbye
     time.sleep(0.5)
     restarted = workers(settings)
     feeder.join(30)
     out, duplicates = every_output(settings, events, timeout=90)
-    print(f"{guarantee}: in={len(events)} out={len(out)} duplicated={duplicates} lost=0")
+    print(f"{guarantee}, {per_transaction or 'no'} records per upstream transaction: "
+          f"in={len(events)} out={len(out)} duplicated={duplicates} lost=0")
     assert_state_counts_each_event_once(final_states(settings, 8), events)
     if guarantee == "exactly_once":
         assert duplicates == 0
