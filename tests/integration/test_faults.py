@@ -23,6 +23,9 @@ from streams.local.stack import LocalKafka, LocalRedis
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 KILLS = int(os.environ.get("FAULT_KILLS", "10"))
 OVERLAP = int(os.environ.get("FAULT_BATCH_OVERLAP", "1"))  # 0: the same run with BATCH_OVERLAP=0
+# N > 0: the replay writes `events` in transactions of N records, as an upstream might
+# (exactly-once: a read_uncommitted worker also processes the transactions a restart aborted)
+UPSTREAM_TRANSACTION = int(os.environ.get("FAULT_UPSTREAM_TRANSACTION", "0"))
 
 
 def read_all(settings, topic: str, idle_s: float = 4.0) -> list:
@@ -40,7 +43,10 @@ def read_all(settings, topic: str, idle_s: float = 4.0) -> list:
 
 
 def feed(settings, records, rate, delivered):
-    """Produce (key, value) pairs at `rate`; record each one's (partition, offset) when acked."""
+    """Produce (key, value) pairs at `rate`; record each one's (partition, offset) when acked.
+    With FAULT_UPSTREAM_TRANSACTION=N, as an upstream writing in transactions of N records."""
+    if UPSTREAM_TRANSACTION:
+        return feed_in_transactions(settings, records, rate, delivered, UPSTREAM_TRANSACTION)
     prod = producer(settings, settings.kafka_bootstrap_servers, **{"message.timeout.ms": 120000})
     start = time.monotonic()
     for i, (key, value, valid) in enumerate(records):
@@ -52,6 +58,50 @@ def feed(settings, records, rate, delivered):
                          (err, valid, msg.partition(), msg.offset(), msg.value())))
         prod.poll(0)
     assert prod.flush(180) == 0
+
+
+def feed_in_transactions(settings, records, rate, delivered, size: int) -> None:
+    """`feed` through a transactional producer, `size` records per transaction. A transaction
+    the broker restart breaks is aborted and its records sent again in a new one; only the
+    committed transactions' deliveries are recorded."""
+    from confluent_kafka import KafkaException
+
+    prod = producer(settings, settings.kafka_bootstrap_servers,
+                    **{"transactional.id": f"upstream-{settings.app_id}",
+                       "message.timeout.ms": 60000, "transaction.timeout.ms": 60000})
+    prod.init_transactions(60)
+    start = time.monotonic()
+    for first in range(0, len(records), size):
+        chunk = records[first:first + size]
+        wait = start + first / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        for _attempt in range(10):
+            acked: list = []
+            try:
+                prod.begin_transaction()
+                for key, value, valid in chunk:
+                    prod.produce(settings.topic_events, key=key, value=value,
+                                 on_delivery=lambda err, msg, valid=valid: acked.append(
+                                     (err, valid, msg.partition(), msg.offset(), msg.value())))
+                prod.commit_transaction(60)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.txn_requires_abort():
+                    prod.abort_transaction(60)
+                    continue
+                if error.retriable():
+                    try:
+                        prod.commit_transaction(60)
+                    except KafkaException:
+                        prod.abort_transaction(60)
+                        continue
+                else:
+                    raise
+            delivered.extend(acked)
+            break
+        else:
+            raise AssertionError("an upstream transaction failed 10 times")
 
 
 @pytest.mark.timeout(600)
@@ -105,7 +155,8 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
         dlq = read_all(settings, settings.topic_dlq)
         dlq_sources = Counter((d["partition"], d["offset"]) for d in dlq)
         bad_sources = {(p, o) for err, valid, p, o, _v in delivered if not valid and err is None}
-        print(f"\nfaults ({guarantee}): kills={KILLS} worker_crashes={crashes} in={len(good)} valid + {len(bad_sources)} "
+        upstream = f", upstream transactions of {UPSTREAM_TRANSACTION}" * bool(UPSTREAM_TRANSACTION)
+        print(f"\nfaults ({guarantee}{upstream}): kills={KILLS} worker_crashes={crashes} in={len(good)} valid + {len(bad_sources)} "
               f"invalid; out={len(out)} duplicated={sum(n - 1 for n in got.values())} lost={len(lost)}; "
               f"dlq={len(dlq)} (duplicated {sum(n - 1 for n in dlq_sources.values())})")
         # issue #7: a stalled table recovery is re-read by streams.worker.recovery_watch (reported)
