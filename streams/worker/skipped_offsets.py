@@ -3,9 +3,10 @@
 A transactional producer leaves a commit or abort marker after each transaction, and a
 read_committed consumer (exactly-once) also skips an aborted transaction's records. Nothing
 is processed at those offsets, yet the commit frontier (`streams.worker.offsets`) may pass
-them only once it knows they hold nothing. Waiting for the hole check (HOLE_CHECK_S) to read
-the log there kept the committed offsets 10-20 s behind an upstream that writes in
-transactions; exactly-once then published the records after each marker again on a crash.
+them only once it knows they hold nothing. Left to the hole check (HOLE_CHECK_S reads the
+log there), the committed offsets of an upstream that writes in transactions would stay up
+to 20 s behind, and exactly-once would publish again, after a crash, the records behind each
+marker it has not resolved yet.
 
 aiokafka's fetcher knows, as it reads a fetched partition's batches, which offsets it steps
 over. `install()` replaces `aiokafka.consumer.fetcher.PartitionRecords` (the reader of one
