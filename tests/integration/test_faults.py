@@ -1,7 +1,9 @@
 """Fault injection during a steady replay: SIGKILL the worker again and again, restart Redis,
 stop and restart the broker. Afterwards nothing is lost, no state counts an event twice, and
 the DLQ holds exactly the invalid inputs; exactly-once, no output or dead letter is seen twice
-by a read_committed reader either. Run alone with `pytest -m faults -s`."""
+by a read_committed reader either. Run alone with `pytest -m faults -s`; with
+`FAULT_UPSTREAM_TRANSACTION=10 pytest -m faults -s -k exactly_once`, `events` is written in
+upstream transactions (a marker every 10 records)."""
 from __future__ import annotations
 
 import os
