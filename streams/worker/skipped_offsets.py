@@ -35,13 +35,9 @@ _skipped: deque[tuple[Hashable, int, int]] = deque(maxlen=100_000)
 
 
 def drain() -> list[tuple[Hashable, int, int]]:
-    """The runs of offsets stepped over since the last call, oldest first."""
-    out = []
-    while True:
-        try:
-            out.append(_skipped.popleft())
-        except IndexError:
-            return out
+    """The runs of offsets stepped over since the last call, oldest first (the consumer's
+    thread may append meanwhile: those wait for the next call)."""
+    return [_skipped.popleft() for _ in range(len(_skipped))]
 
 
 class GapReportingPartitionRecords(fetcher.PartitionRecords):
