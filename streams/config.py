@@ -79,8 +79,9 @@ class Settings:
     #: and exits non-zero
     max_consecutive_failures: int = 20
     #: FORGET_WITHIN_S: a forgotten user's earlier state records leave the changelog within
-    #: about this long (plus the broker's log cleaner interval): the changelog's segment.ms and
-    #: max.compaction.lag.ms
+    #: about this long (plus the broker's log cleaner interval): the changelog's compaction
+    #: settings, and how often the worker appends to each partition it owns
+    #: (`streams.kafka.clients.changelog_configs`)
     forget_within_s: float = 3600.0
     hole_check_s: float = 10.0  #: HOLE_CHECK_S: an input offset still missing after this is looked up in the log
     recovery_stall_s: float = 10.0  #: RECOVERY_STALL_S: a stuck changelog partition is re-read after this

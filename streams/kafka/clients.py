@@ -84,12 +84,18 @@ def changelog_topic(settings: Settings) -> str:
 
 
 def changelog_configs(settings: Settings) -> dict[str, str]:
-    """Compaction that removes a forgotten user's earlier states within FORGET_WITHIN_S: the
-    active segment rolls at that age (a record in it is never compacted), a closed segment is
-    compacted once its oldest record is that old, and a tombstone itself goes after that too."""
-    window = str(int(settings.forget_within_s * 1000))
-    return {"cleanup.policy": "compact", "segment.ms": window, "max.compaction.lag.ms": window,
-            "min.compaction.lag.ms": "0", "delete.retention.ms": window}
+    """Compaction that removes a forgotten user's earlier states within FORGET_WITHIN_S (W).
+
+    A record in the active segment is never compacted, and the segment rolls on the first
+    append once it is W/2 old; the worker appends to each partition it owns every W/4
+    (`StateTable.roll_marker`), so a forget's segment is closed within 3W/4 of its start.
+    A closed segment is compacted once its oldest record is W old (the broker's cleaner
+    looks every `log.cleaner.backoff.ms`), so within W of the forget; a tombstone itself
+    goes W after that."""
+    window = int(settings.forget_within_s * 1000)
+    return {"cleanup.policy": "compact", "segment.ms": str(max(1, window // 2)),
+            "max.compaction.lag.ms": str(window), "min.compaction.lag.ms": "0",
+            "delete.retention.ms": str(window)}
 
 
 def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0,

@@ -60,7 +60,7 @@ if transactional:
     committer: Committer = TransactionalCommitter(app, settings, PartitionProducers(settings, app))
     batches: TransactionalBatches | None = TransactionalBatches(
         committer, settings.transaction_commit_ms / 1000, settings.batch_size)
-    state_table = StateTable(short_term_table, send=batches.send_changelog, rewrites=False)
+    state_table = StateTable(short_term_table, send=batches.send_changelog)
     batches.state_table = state_table
 else:
     committer, batches = Committer(app, settings), None
@@ -483,8 +483,6 @@ async def forget_user_state(faust_event, forget: Forget) -> None:
     rt = runtime()
     if rt.store is not None:
         await rt.store.forget(user)
-    state_table.rewrite_later(faust_event.message.partition, user,
-                              time.monotonic() + settings.forget_within_s)
     metrics.FORGOTTEN.inc()
     log.info("forgot user %r (requested by %r): state tombstoned, long-term data erased",
              user, forget.requester)
@@ -673,10 +671,28 @@ async def reload_bundle_on_sighup():
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, look_for_published_bundle)
 
 
-@app.timer(1.0)
-async def rewrite_forgotten_states():
-    """A forget's tombstone written again once FORGET_WITHIN_S has passed (`StateTable`)."""
-    await state_table.rewrite_due(time.monotonic())
+def owned_partitions() -> set[int]:
+    """The partitions of `events` (so of the state changelog) assigned to this worker."""
+    return {tp.partition for tp in app.consumer.assignment()
+            if tp.topic == settings.topic_events}
+
+
+# Every quarter of FORGET_WITHIN_S, so that a quiet partition still rolls the segment that
+# holds a forget's tombstone (`streams.kafka.clients.changelog_configs`).
+@app.timer(settings.forget_within_s / 4)
+async def roll_changelog_segments():
+    """Append the roll marker to each changelog partition this worker owns (exactly-once:
+    in the partition's transaction)."""
+    try:
+        partitions = owned_partitions()
+        if batches is not None:
+            await batches.write_apart(partitions, state_table.roll_marker)
+        else:
+            for partition in sorted(partitions):
+                await state_table.roll_marker(partition)
+    except Exception as exc:  # broker away, a rebalance, stopping: the next tick writes it
+        log.warning("roll markers not written (tried again in %.0f s): %r",
+                    settings.forget_within_s / 4, exc)
 
 
 async def commit_delivered() -> None:

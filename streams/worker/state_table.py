@@ -15,19 +15,24 @@ the record is in the transaction of the event's partition, with that partition's
 transaction that does not commit has its changes to the memory put back (`begin_journal`,
 `rollback`; `streams.worker.transactions`).
 
-A forget's tombstone is written again FORGET_WITHIN_S later (at-least-once): the broker never
-compacts the active segment and rolls it only on an append, so in a partition that stays quiet
-the user's earlier states would otherwise stay readable (`streams.kafka.clients.changelog_configs`).
+The broker never compacts a changelog's active segment and rolls it only on an append (once
+the segment is `segment.ms` old, `streams.kafka.clients.changelog_configs`). A forget's
+tombstone in a partition that then stays quiet would leave the user's earlier states readable
+for good, so the worker appends a roll marker (`roll_marker`, the tombstone of a key no user
+has) to each partition it owns every quarter of FORGET_WITHIN_S. Nothing is remembered per
+forget: a worker restarted or handed the partition by a rebalance keeps the bound.
 """
 from __future__ import annotations
 
-import heapq
 from typing import Awaitable, Callable
 
 import orjson
 
 
 _ABSENT = object()
+# The key of the roll marker: never a user's (a user id has 1 to 128 printable characters,
+# `streams.events`). Restored, its tombstone deletes nothing.
+ROLL_KEY = ""
 
 
 class StateTable:
@@ -37,11 +42,9 @@ class StateTable:
     `streams.app.send_raw` bound to the app) or in the partition's transaction (exactly-once,
     `TransactionalBatches.send`)."""
 
-    def __init__(self, table, send: Callable[..., Awaitable], rewrites: bool = True) -> None:
+    def __init__(self, table, send: Callable[..., Awaitable]) -> None:
         self.table, self.send = table, send
         self._topic: str | None = None  # the changelog topic's name, looked up on first write
-        self._rewrites: list[tuple[float, int, str]] = []  # heap of (due, partition, key)
-        self.rewrites = rewrites
         # (partition, key) -> the value before the first change since begin_journal()
         self._journal: dict[tuple[int, str], object] | None = None
 
@@ -83,19 +86,10 @@ class StateTable:
         self.table.data.pop(key, None)
         await self._send(faust_event.message.partition, key, None)
 
-    def rewrite_later(self, partition: int, key: str, due: float) -> None:
-        """Write `key`'s record again at monotonic time `due` (at-least-once only: a record
-        written from a timer would be outside every transaction)."""
-        if self.rewrites:
-            heapq.heappush(self._rewrites, (due, partition, key))
-
-    async def rewrite_due(self, now: float) -> None:
-        """Write again the records whose time has come: the key's current value, or its
-        tombstone when it has none (a user back after a forget keeps the new state)."""
-        while self._rewrites and self._rewrites[0][0] <= now:
-            _, partition, key = heapq.heappop(self._rewrites)
-            value = self.get(key)
-            await self._send(partition, key, None if value is None else orjson.dumps(value))
+    async def roll_marker(self, partition: int) -> None:
+        """Append the roll marker to `partition`'s changelog: a segment that has reached
+        segment.ms is rolled, so a forget's tombstone in it can be compacted."""
+        await self._send(partition, ROLL_KEY, None)
 
     async def _send(self, partition: int, key: str, value: bytes | None) -> None:
         if self._topic is None:

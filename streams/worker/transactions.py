@@ -73,6 +73,10 @@ class PartitionProducers:
     def get(self, partition: int) -> AIOKafkaProducer:
         return self.producers[partition]
 
+    def find(self, partition: int) -> AIOKafkaProducer | None:
+        """The partition's producer, None if none is started (not claimed, or stopped)."""
+        return self.producers.get(partition)
+
     async def renew(self, partition: int) -> None:
         """A new producer for `partition`: fences every earlier one with its id (ours or a
         previous owner's) and ends its open transaction."""
@@ -352,6 +356,33 @@ class TransactionalBatches:
                 await self._commit_taken()
         finally:
             self.lock.release()
+
+    async def write_apart(self, partitions: set[int],
+                          write: Callable[[int], Awaitable[None]]) -> None:
+        """`write(p)` sends records of no input record (a timer's) in each of `partitions`
+        this worker owns: into its open transaction if it has one, else in a transaction of
+        their own, committed at once without offsets. A fenced partition is left to its new
+        owner, a failed one aborted (the caller tries again later)."""
+        ours = await self.committer.claim(partitions)
+        async with self.lock:
+            if self.fault is not None:
+                return
+            for p in sorted(ours):
+                producer = self.producers.find(p)
+                if p in self.open or producer is None:  # open: commits with what it holds
+                    if producer is not None:
+                        await write(p)
+                    continue
+                try:
+                    await producer.begin_transaction()
+                    await write(p)
+                    await producer.commit_transaction()
+                except ProducerFenced:
+                    log.warning("partition %d was fenced: left to its new owner", p)
+                    self.committer.to_renew.add(p)
+                except KafkaError as exc:
+                    log.warning("a transaction of partition %d's own records failed: %r", p, exc)
+                    await self._abort(p)
 
     async def idle(self, timeout_s: float) -> None:
         """Wait until the batch taken is handed on (a stop)."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import orjson
 import pytest
 from test_pipeline import pipeline
 
-from streams.worker.state_table import StateTable
+from streams.worker.state_table import ROLL_KEY, StateTable
 
 
 class RecordingProducer:
@@ -64,22 +65,27 @@ def test_a_delete_writes_a_tombstone_held_or_not(direct):
     assert producer.sent[-1][1:] == (b'"never-seen"', None, 0) and len(producer.sent) == 3
 
 
-def test_a_rewrite_comes_when_due_with_the_keys_value_then(direct):
-    """The second write of a forget: a tombstone if the user stayed away, else their new state
-    (never a tombstone over a state written since)."""
+def test_the_roll_marker_is_a_tombstone_of_a_key_no_user_or_forget_can_name(direct):
+    """The marker that rolls a quiet partition's segment: no event or forget is ever keyed
+    by it, and restoring it deletes nothing."""
+    from streams.events import EventRules, decode_event, parse_control
+
     states, producer, table = direct
-    states.rewrite_later(2, "gone", due=10.0)
-    states.rewrite_later(3, "back", due=5.0)
-    asyncio.run(states.put(record(3), "back", {"n_events": 1}))
-    sent = len(producer.sent)
-    asyncio.run(states.rewrite_due(4.9))
-    assert len(producer.sent) == sent
-    asyncio.run(states.rewrite_due(10.0))
-    assert producer.sent[sent:] == [(table.changelog_topic.get_topic_name(), b'"back"',
-                                     b'{"n_events":1}', 3),
-                                    (table.changelog_topic.get_topic_name(), b'"gone"', None, 2)]
-    asyncio.run(states.rewrite_due(99.0))
-    assert len(producer.sent) == sent + 2
+    asyncio.run(states.put(record(3), "u", {"n_events": 1}))
+    asyncio.run(states.roll_marker(3))
+    assert producer.sent[-1] == (table.changelog_topic.get_topic_name(), b'""', None, 3)
+    assert orjson.loads(producer.sent[-1][1]) == ROLL_KEY
+    raw = {"event_id": "e", "user_id": ROLL_KEY, "item_id": "1", "event_type": "click",
+           "ts": 1_700_000_000_000}
+    assert decode_event(orjson.dumps(raw), EventRules({"click"}), 1_700_000_000_000).reason == \
+        "wrong_type"
+    assert parse_control(orjson.dumps({"control": "forget", "user_id": ROLL_KEY}),
+                         None).reason == "invalid_control"
+
+    restored = SimpleNamespace(key=ROLL_KEY, value=None,
+                               message=SimpleNamespace(value=None, partition=3))
+    table.apply_changelog_batch([restored])  # what Faust's recovery does with it
+    assert dict(table.data) == {"u": {"n_events": 1}}
 
 
 def test_a_rollback_puts_back_what_the_journal_saw_first_for_its_partitions_only(direct):
@@ -107,12 +113,3 @@ def test_a_rollback_brings_back_a_forgotten_state(direct):
     states.rollback({2})
     states.end_journal()
     assert states.get("u") == {"n_events": 4}
-
-
-def test_without_rewrites_a_forget_is_not_written_again_from_a_timer(direct):
-    """Exactly-once: a record sent from a timer would be outside every transaction."""
-    _, producer, table = direct
-    states = StateTable(table, send=producer.send, rewrites=False)
-    states.rewrite_later(0, "u", due=0.0)
-    asyncio.run(states.rewrite_due(now=1.0))
-    assert producer.sent == []

@@ -44,7 +44,7 @@ class FakeCommitter:
     def __init__(self, failures: dict[int, list], owned=(0, 1)):
         self.log: list = []
         producers = {p: FakeProducer(p, self.log, failures.setdefault(p, [])) for p in (0, 1)}
-        self.producers = SimpleNamespace(get=producers.__getitem__)
+        self.producers = SimpleNamespace(get=producers.__getitem__, find=producers.get)
         self.settings = SimpleNamespace(app_id="app")
         self.owned, self.to_renew, self.committed = set(owned), set(), []
         self.before_revoke = None
@@ -78,7 +78,7 @@ def setup(failures=None, owned=(0, 1), processed=True, interval_s=0.0):
     batches = TransactionalBatches(committer, interval_s, backlog=256)
     table = SimpleNamespace(data={"u0": 100, "u1": 100},
                             changelog_topic=SimpleNamespace(get_topic_name=lambda: "changelog"))
-    batches.state_table = states = StateTable(table, send=batches.send_changelog, rewrites=False)
+    batches.state_table = states = StateTable(table, send=batches.send_changelog)
     seen = []
 
     async def process(events):
@@ -371,3 +371,43 @@ def test_after_a_due_commit_that_failed_for_good_no_batch_is_taken():
 
     asyncio.run(run())
     assert len(faults) == 1 and (0, 6) not in seen and not commits(committer)
+
+
+def test_a_timers_records_commit_in_a_transaction_of_their_own_without_offsets():
+    """The roll marker of a quiet partition: only partitions this worker owns."""
+    committer, batches, table, _, _ = setup(owned=(1,))
+    asyncio.run(batches.write_apart({0, 1}, batches.state_table.roll_marker))
+    assert committer.log == [("begin", 1), ("send", 1, "changelog", None), ("commit", 1)]
+    assert not committer.committed and not batches.open
+
+
+def test_a_timers_records_join_the_open_transaction_of_their_partition():
+    committer, batches, _, _, _ = setup(interval_s=60.0)  # a backlog: the transaction stays open
+
+    async def run():
+        await batches.run([record(0, 5)])
+        await batches.write_apart({0, 1}, batches.state_table.roll_marker)
+        assert committer.log[-4:] == [("send", 0, "changelog", None),  # into the open one
+                                      ("begin", 1), ("send", 1, "changelog", None),
+                                      ("commit", 1)]
+        await batches.commit_open(1.0)
+        batches._closer.cancel()
+
+    asyncio.run(run())
+    zero = [e for e in committer.log if e[1] == 0]
+    assert zero[0] == ("begin", 0) and zero[-1] == ("commit", 0)
+    assert zero.count(("begin", 0)) == 1 and ("send", 0, "changelog", None) in zero
+    assert [e for e in committer.log if e[1] == 1] == [
+        ("begin", 1), ("send", 1, "changelog", None), ("commit", 1)]
+    assert committer.committed == [{("events", 0): 6}]
+
+
+@pytest.mark.parametrize("error", [KafkaError("broker went away"), ProducerFenced()])
+def test_a_timers_transaction_that_fails_is_aborted_or_left_to_the_new_owner(error):
+    committer, batches, _, _, _ = setup({1: [error]})
+    asyncio.run(batches.write_apart({0, 1}, batches.state_table.roll_marker))
+    assert ("commit", 0) in committer.log and ("commit", 1) not in committer.log
+    if isinstance(error, ProducerFenced):
+        assert committer.to_renew == {1} and ("abort", 1) not in committer.log
+    else:
+        assert ("abort", 1) in committer.log and not committer.to_renew
