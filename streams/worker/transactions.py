@@ -369,9 +369,10 @@ class TransactionalBatches:
                 return
             for p in sorted(ours):
                 producer = self.producers.find(p)
-                if p in self.open or producer is None:  # open: commits with what it holds
-                    if producer is not None:
-                        await write(p)
+                if producer is None:  # stopped meanwhile
+                    continue
+                if p in self.open:  # commits with what that transaction holds
+                    await write(p)
                     continue
                 try:
                     await producer.begin_transaction()
