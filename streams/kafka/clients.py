@@ -87,11 +87,12 @@ def changelog_configs(settings: Settings) -> dict[str, str]:
     """Compaction that removes a forgotten user's earlier states within FORGET_WITHIN_S (W).
 
     A record in the active segment is never compacted, and the segment rolls on the first
-    append once it is W/2 old; the worker appends to each partition it owns every W/4
-    (`StateTable.roll_marker`), so a forget's segment is closed within 3W/4 of its start.
-    A closed segment is compacted once its oldest record is W old (the broker's cleaner
-    looks every `log.cleaner.backoff.ms`), so within W of the forget; a tombstone itself
-    goes W after that."""
+    append once it is W/2 old. The worker appends to each partition it owns at least every
+    W/2: a roll marker at each W/4 tick after which it wrote nothing there
+    (`StateTable.roll_marker`). So a forget's segment is closed within W of its start, when
+    its oldest record is W old and the cleaner must compact it (it looks every
+    `log.cleaner.backoff.ms`): within W of the forget. A tombstone itself goes W after
+    that."""
     window = int(settings.forget_within_s * 1000)
     return {"cleanup.policy": "compact", "segment.ms": str(max(1, window // 2)),
             "max.compaction.lag.ms": str(window), "min.compaction.lag.ms": "0",

@@ -679,20 +679,22 @@ def owned_partitions() -> set[int]:
 
 # Every quarter of FORGET_WITHIN_S, so that a quiet partition still rolls the segment that
 # holds a forget's tombstone (`streams.kafka.clients.changelog_configs`).
-@app.timer(settings.forget_within_s / 4)
+ROLL_EVERY_S = settings.forget_within_s / 4
+
+
+@app.timer(ROLL_EVERY_S)
 async def roll_changelog_segments():
-    """Append the roll marker to each changelog partition this worker owns (exactly-once:
-    in the partition's transaction)."""
+    """Append the roll marker to each changelog partition this worker owns and has not
+    written to since the last tick (exactly-once: in the partition's transaction)."""
     try:
-        partitions = owned_partitions()
+        partitions = state_table.quiet(owned_partitions(), time.monotonic() - ROLL_EVERY_S)
         if batches is not None:
             await batches.write_apart(partitions, state_table.roll_marker)
         else:
             for partition in sorted(partitions):
                 await state_table.roll_marker(partition)
     except Exception as exc:  # broker away, a rebalance, stopping: the next tick writes it
-        log.warning("roll markers not written (tried again in %.0f s): %r",
-                    settings.forget_within_s / 4, exc)
+        log.warning("roll markers not written (tried again in %.0f s): %r", ROLL_EVERY_S, exc)
 
 
 async def commit_delivered() -> None:

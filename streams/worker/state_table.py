@@ -19,11 +19,13 @@ The broker never compacts a changelog's active segment and rolls it only on an a
 the segment is `segment.ms` old, `streams.kafka.clients.changelog_configs`). A forget's
 tombstone in a partition that then stays quiet would leave the user's earlier states readable
 for good, so the worker appends a roll marker (`roll_marker`, the tombstone of a key no user
-has) to each partition it owns every quarter of FORGET_WITHIN_S. Nothing is remembered per
-forget: a worker restarted or handed the partition by a rebalance keeps the bound.
+has) to each partition it owns and has not written to for a quarter of FORGET_WITHIN_S (a
+busy partition rolls by itself). Nothing is remembered per forget: a worker restarted or
+handed the partition by a rebalance keeps the bound.
 """
 from __future__ import annotations
 
+import time
 from typing import Awaitable, Callable
 
 import orjson
@@ -45,6 +47,7 @@ class StateTable:
     def __init__(self, table, send: Callable[..., Awaitable]) -> None:
         self.table, self.send = table, send
         self._topic: str | None = None  # the changelog topic's name, looked up on first write
+        self._written: dict[int, float] = {}  # partition -> monotonic time of its last record
         # (partition, key) -> the value before the first change since begin_journal()
         self._journal: dict[tuple[int, str], object] | None = None
 
@@ -86,6 +89,10 @@ class StateTable:
         self.table.data.pop(key, None)
         await self._send(faust_event.message.partition, key, None)
 
+    def quiet(self, partitions: set[int], since: float) -> set[int]:
+        """Those of `partitions` this table has written no record to since `since`."""
+        return {p for p in partitions if self._written.get(p, float("-inf")) < since}
+
     async def roll_marker(self, partition: int) -> None:
         """Append the roll marker to `partition`'s changelog: a segment that has reached
         segment.ms is rolled, so a forget's tombstone in it can be compacted."""
@@ -95,3 +102,4 @@ class StateTable:
         if self._topic is None:
             self._topic = self.table.changelog_topic.get_topic_name()
         await self.send(self._topic, orjson.dumps(key), value, partition)
+        self._written[partition] = time.monotonic()

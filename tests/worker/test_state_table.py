@@ -7,6 +7,7 @@ that records what it is given. That the records restore is shown on the real bro
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import orjson
@@ -113,3 +114,14 @@ def test_a_rollback_brings_back_a_forgotten_state(direct):
     states.rollback({2})
     states.end_journal()
     assert states.get("u") == {"n_events": 4}
+
+
+def test_a_partition_is_quiet_until_a_record_is_written_to_it(direct):
+    """Only a partition the table has not written to needs a roll marker."""
+    states, _, _ = direct
+    before = time.monotonic()
+    assert states.quiet({0, 1, 2}, since=before) == {0, 1, 2}
+    asyncio.run(states.put(record(1), "u", {"n_events": 1}))
+    asyncio.run(states.roll_marker(2))
+    assert states.quiet({0, 1, 2}, since=before) == {0}
+    assert states.quiet({0, 1, 2}, since=time.monotonic() + 1) == {0, 1, 2}
