@@ -160,6 +160,9 @@ class TransactionalCommitter(Committer):
         super().__init__(app, settings)
         self.producers = producers
         self.to_renew: set[int] = set()
+        # one claim at a time: the agent's batch and the roll timer (`write_apart`) both claim,
+        # and two renewals of one partition fence the producer the first one made
+        self._claiming = asyncio.Lock()
         # awaited when partitions are revoked: the batch in progress ends its transactions
         self.before_revoke: Callable[[float], Awaitable[None]] | None = None
 
@@ -196,6 +199,10 @@ class TransactionalCommitter(Committer):
     async def claim(self, partitions: set[int]) -> set[int]:
         """The partitions among `partitions` this worker owns, each with a fresh producer (on
         a new assignment) and its committed offsets read after the fencing."""
+        async with self._claiming:
+            return await self._claim(partitions)
+
+    async def _claim(self, partitions: set[int]) -> set[int]:
         assignment = self.app.consumer.assignment()
         ours = set()
         for partition in sorted(partitions):

@@ -411,3 +411,29 @@ def test_a_timers_transaction_that_fails_is_aborted_or_left_to_the_new_owner(err
         assert committer.to_renew == {1} and ("abort", 1) not in committer.log
     else:
         assert ("abort", 1) in committer.log and not committer.to_renew
+
+
+def test_claims_at_once_from_the_agent_and_a_timer_renew_a_partition_once():
+    """A second renewal would fence the producer the first one made for the batch."""
+    renewed = []
+
+    class Producers:
+        producers: dict = {}
+
+        async def renew(self, partition):
+            renewed.append(partition)
+            await asyncio.sleep(0.01)  # init_transactions: a round trip to the coordinator
+            self.producers[partition] = object()
+
+    from faust.types import TP
+
+    tps = [TP(t, p) for t in ("events", "control") for p in (0, 1)]
+    app = SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: tps))
+    committer = TransactionalCommitter(app, Settings(topic_events="events",
+                                                     topic_control="control"), Producers())
+
+    async def run():
+        return await asyncio.gather(committer.claim({1}), committer.claim({1}))
+
+    assert asyncio.run(run()) == [{1}, {1}]
+    assert renewed == [1]
