@@ -388,7 +388,7 @@ class TransactionalBatches:
                 except ProducerFenced:
                     log.warning("partition %d was fenced: left to its new owner", p)
                     self.committer.to_renew.add(p)
-                except KafkaError as exc:
+                except Exception as exc:  # nothing may stay open: the next batch begins one
                     log.warning("a transaction of partition %d's own records failed: %r", p, exc)
                     await self._abort(p)
 
