@@ -3,7 +3,8 @@ stop and restart the broker. Afterwards nothing is lost, no state counts an even
 the DLQ holds exactly the invalid inputs; exactly-once, no output or dead letter is seen twice
 by a read_committed reader either. Run alone with `pytest -m faults -s`; with
 `FAULT_UPSTREAM_TRANSACTION=10 pytest -m faults -s -k exactly_once`, `events` is written in
-upstream transactions (a marker every 10 records)."""
+upstream transactions (a marker every 10 records); with `FAULT_FORGET_WITHIN_S=2`, the worker
+writes its changelog roll markers every 0.5 s through the faults."""
 from __future__ import annotations
 
 import os
@@ -28,6 +29,8 @@ OVERLAP = int(os.environ.get("FAULT_BATCH_OVERLAP", "1"))  # 0: the same run wit
 # N > 0: the replay writes `events` in transactions of N records, as an upstream might
 # (exactly-once: a read_uncommitted worker also processes the transactions a restart aborted)
 UPSTREAM_TRANSACTION = int(os.environ.get("FAULT_UPSTREAM_TRANSACTION", "0"))
+# the worker's default unless set: a roll marker in each quiet partition every quarter of it
+FORGET_WITHIN_S = float(os.environ.get("FAULT_FORGET_WITHIN_S", "3600"))
 
 
 def read_all(settings, topic: str, idle_s: float = 4.0) -> list:
@@ -114,6 +117,7 @@ def test_kills_and_restarts_lose_nothing(quick_bundle, tmp_path, guarantee):
     redis.start()
     settings = unique_settings({"kafka": kafka.bootstrap, "redis": redis.url}, quick_bundle,
                                partitions=4, redis_retry_s=0.5, processing_guarantee=guarantee,
+                               forget_within_s=FORGET_WITHIN_S,
                                batch_overlap=OVERLAP,
                                # exactly-once: the backlog after each kill fills these, so
                                # transactions hold several batches (TRANSACTION_COMMIT_MS)
