@@ -89,7 +89,7 @@ def changelog_configs(settings: Settings) -> dict[str, str]:
     A record in the active segment is never compacted, and the segment rolls on the first
     append once it is W/2 old. The worker appends to each partition it owns at least every
     W/2: a roll marker at each W/4 tick after which it wrote nothing there
-    (`StateTable.roll_marker`). So a forget's segment is closed within W of its start, when
+    (`changelog_roll_interval_s`, `StateTable.roll_marker`). So a forget's segment is closed within W of its start, when
     its oldest record is W old and the cleaner must compact it (it looks every
     `log.cleaner.backoff.ms`): within W of the forget. A tombstone itself goes W after
     that."""
@@ -97,6 +97,12 @@ def changelog_configs(settings: Settings) -> dict[str, str]:
     return {"cleanup.policy": "compact", "segment.ms": str(max(1, window // 2)),
             "max.compaction.lag.ms": str(window), "min.compaction.lag.ms": "0",
             "delete.retention.ms": str(window)}
+
+
+def changelog_roll_interval_s(settings: Settings) -> float:
+    """How often the worker appends a roll marker to a quiet changelog partition: W/4, so
+    that appends come at least every W/2, the `segment.ms` of `changelog_configs`."""
+    return settings.forget_within_s / 4
 
 
 def ensure_topics(settings: Settings, bootstrap: str, timeout: float = 30.0,

@@ -34,6 +34,7 @@ from streams.bundle import MASKED_SCORE
 from streams.events import (Event, Forget, Rejection, check_routing, decode_event,
                             dlq_headers, dlq_key, dlq_record, parse_control, partition_for)
 from streams.inference import LongTermUpdate, RecommendationBatch, ScoringInputs
+from streams.kafka.clients import changelog_roll_interval_s
 from streams.longterm.store import HistoryAppend, LongTermVector, history_entry
 from streams.state import history_place, last_event_ts, recent_items, update_short_term
 from streams.worker.app import (app, control_topic, dlq_topic, input_topics, recommendations_topic,
@@ -677,9 +678,8 @@ def owned_partitions() -> set[int]:
             if tp.topic == settings.topic_events}
 
 
-# Every quarter of FORGET_WITHIN_S, so that a quiet partition still rolls the segment that
-# holds a forget's tombstone (`streams.kafka.clients.changelog_configs`).
-ROLL_EVERY_S = settings.forget_within_s / 4
+# So that a quiet partition still rolls the segment that holds a forget's tombstone.
+ROLL_EVERY_S = changelog_roll_interval_s(settings)
 
 
 @app.timer(ROLL_EVERY_S)
